@@ -1,0 +1,64 @@
+"""The one configuration dataclass: model sizes, training and data settings.
+
+Every checkpoint stores it as JSON, so a model can always be rebuilt exactly as trained.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Config:
+    # data
+    min_count: int = 5          # words rarer than this in train become <unk>
+    max_len: int = 30           # caption tokens kept for training (without <start>/<end>)
+    # encoder (name picks the registry entry; sizes travel so mismatches are caught)
+    encoder: str = "lite2"
+    feature_dim: int = 1280
+    num_regions: int = 81
+    # model
+    embed_dim: int = 512
+    attention_dim: int = 512
+    decoder_dim: int = 512
+    dropout: float = 0.5
+    tie_weights: bool = False
+    alpha_c: float = 1.0        # doubly stochastic attention regulariser
+    # training
+    epochs: int = 12
+    batch_size: int = 32        # images per batch; each brings all its captions
+    lr: float = 4e-4
+    weight_decay: float = 1e-2
+    grad_clip: float = 5.0
+    warmup_steps: int = 200
+    label_smoothing: float = 0.0
+    patience: int = 3           # epochs without dev improvement before stopping
+    select_metric: str = "cider"  # "cider" or "bleu4", from real greedy decoding on dev
+    seed: int = 0
+    num_workers: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> "Config":
+        return cls.from_dict(json.loads(s))
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "Config":
+        with open(path, "rb") as f:
+            return cls.from_dict(tomllib.load(f))
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
