@@ -22,7 +22,8 @@ class Config:
     num_regions: int = 81
     # model
     embed_dim: int = 512
-    attention_dim: int = 512
+    project_dim: int = 512      # image features are projected to this width once per image
+    attention_dim: int = 256
     decoder_dim: int = 512
     dropout: float = 0.5
     tie_weights: bool = False

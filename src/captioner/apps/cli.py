@@ -18,44 +18,138 @@ class UserError(Exception):
 
 def _add_prepare(sub):
     p = sub.add_parser("prepare", help="read a dataset in any known layout into a prepared WORKDIR")
+    p.add_argument("root", help="dataset folder (Flickr8k, Kaggle, Karpathy JSON) or a custom .csv/.jsonl file")
+    p.add_argument("--out", required=True, metavar="WORKDIR", help="folder to write dataset.jsonl, vocab.json, "
+                   "summary.json into")
+    p.add_argument("--min-count", type=int, default=5, help="train words seen fewer times become <unk> (5)")
+    p.add_argument("--max-len", type=int, default=None, help="cut stored training tokens to this many words")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split drawn when the data has none (0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_prepare)
 
 
 def _run_prepare(args) -> int:
-    raise UserError("prepare: not implemented yet")
+    from captioner.data.datasets import prepare
+    try:
+        s = prepare(args.root, args.out, min_count=args.min_count, max_len=args.max_len, seed=args.seed,
+                    progress=not args.no_progress)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(f"layout {s['layout']}  root {s['root']}")
+    print(f"{'split':<6} {'images':>7} {'present':>8} {'absent':>7} {'captions':>9}")
+    for name, c in s["splits"].items():
+        print(f"{name:<6} {c['images']:>7} {c['present']:>8} {c['absent']:>7} {c['captions']:>9}")
+    L = s["caption_length"]
+    print(f"vocabulary {s['vocab_size']} words (min count {s['min_count']}), unk rate train "
+          f"{s['unk_rate_train']:.2%}, dev {s['unk_rate_dev']:.2%}")
+    print(f"caption length p50 {L['p50']:g}  p90 {L['p90']:g}  p95 {L['p95']:g}  p99 {L['p99']:g}  max {L['max']}")
+    problems = s["problems"]
+    if problems["count"]:
+        print(f"{problems['count']} problems (all counts in summary.json):")
+        for line in problems["first"]:
+            print(f"  {line}")
+    print(f"wrote {args.out}/dataset.jsonl, vocab.json, summary.json")
+    return 0
 
 
 # --- features ----------------------------------------------------------------------------
 
 def _add_features(sub):
     p = sub.add_parser("features", help="encode every present image once into a feature store")
+    p.add_argument("workdir", help="a prepared WORKDIR (from `captioner prepare`)")
+    p.add_argument("--images", help="look images up as DIR/<image_id> instead of the prepared paths")
+    p.add_argument("--encoder", default="lite2", help="lite0, lite1 or lite2 (default lite2)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"])
+    p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(run=_run_features)
 
 
 def _run_features(args) -> int:
-    raise UserError("features: not implemented yet")
+    from captioner.features.store import build_features
+    try:
+        s = build_features(args.workdir, images_dir=args.images, encoder=args.encoder, backend=args.backend,
+                           batch_size=args.batch_size)
+    except (ValueError, RuntimeError) as e:  # bad workdir, unknown encoder, failed ONNX export
+        raise UserError(str(e)) from None
+    print(f"{s['store']}: {s['rows']} images stored; encoded {s['encoded']} in {s['seconds']:.1f} s "
+          f"({s['images_per_s']:.1f} img/s), {s['skipped_done']} already done, {s['missing']} absent, "
+          f"{len(s['failed'])} failed")
+    for image_id, reason in s["failed"].items():
+        print(f"  failed {image_id}: {reason}")
+    return 0
 
 
 # --- train -------------------------------------------------------------------------------
 
 def _add_train(sub):
     p = sub.add_parser("train", help="train a Show-Attend-Tell model on a prepared WORKDIR")
+    p.add_argument("workdir", help="prepared dataset folder with a feature store (captioner prepare/features)")
+    p.add_argument("--out", required=True, help="run folder for checkpoints, logs and curves")
+    p.add_argument("--config", help="TOML file with Config fields (see captioner/config.py)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="images per batch (each brings all its captions)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int, dest="num_workers", help="DataLoader worker processes")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.set_defaults(run=_run_train)
 
 
 def _run_train(args) -> int:
-    raise UserError("train: not implemented yet")
+    from captioner.config import Config
+    from captioner.train import train
+    try:
+        config = Config.from_toml(args.config) if args.config else Config()
+    except (OSError, ValueError) as e:
+        raise UserError(f"{args.config}: {e}")
+    config = config.replace(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                            num_workers=args.num_workers)
+    try:
+        result = train(args.workdir, args.out, config, resume=args.resume, device=args.device)
+    except ValueError as e:
+        raise UserError(str(e))
+    print(f"best dev {config.select_metric}: {result['best']:.4f}; checkpoints in {result['rundir']}")
+    return 0
 
 
 # --- evaluate ----------------------------------------------------------------------------
 
 def _add_evaluate(sub):
     p = sub.add_parser("evaluate", help="decode a split and score it the COCO-toolkit way")
+    p.add_argument("--model", help="checkpoint (.safetensors); default: the shipped model")
+    p.add_argument("--data", help="prepared WORKDIR or raw dataset ROOT (references and images)")
+    p.add_argument("--split", default="dev", choices=["train", "dev", "test"])
+    p.add_argument("--beam", type=int, default=3, help="beam size (1 = greedy)")
+    p.add_argument("--max-len", type=int, default=30, help="longest caption in words")
+    p.add_argument("--batch-size", type=int, default=100, help="images decoded at once")
+    p.add_argument("--out", required=True, help="folder for metrics.json, captions.json, report.html")
+    p.add_argument("--captions", help="score this COCO results file [{image_id, caption}] instead of a model")
+    p.add_argument("--references", help="references: COCO annotations JSON or JSONL of {image, caption}")
+    p.add_argument("--limit", type=int, help="only the first N images of the split (quick checks)")
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves its ~10 s JVM start)")
     p.set_defaults(run=_run_evaluate)
 
 
 def _run_evaluate(args) -> int:
-    raise UserError("evaluate: not implemented yet")
+    from captioner.evaluation.evaluate import evaluate, format_table
+    if args.beam < 1 or args.max_len < 1 or args.batch_size < 1:
+        raise UserError("--beam, --max-len and --batch-size must be at least 1")
+    if args.data is None and args.references is None:
+        raise UserError("evaluate needs --data WORKDIR|ROOT (or --captions with --references)")
+    try:
+        m = evaluate(args.model, args.data, args.split, beam_size=args.beam, out=args.out,
+                     captions_file=args.captions, references_file=args.references, max_len=args.max_len,
+                     batch_size=args.batch_size, limit=args.limit, meteor=not args.no_meteor)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(str(e).splitlines()[0]) from None
+    print(f"{m['split']} split, {m['num_images']} images, model {m['model']}"
+          + (f", beam {m['beam_size']}" if m.get("beam_size") else ""))
+    print(format_table(m))
+    for note in m["notes"]:
+        print(f"note: {note}")
+    print(f"wrote {args.out}/metrics.json, captions.json, report.html")
+    return 0
 
 
 # --- caption -----------------------------------------------------------------------------
@@ -73,28 +167,131 @@ def _run_caption(args) -> int:
 
 def _add_serve(sub):
     p = sub.add_parser("serve", help="HTTP API and accessible web page")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", metavar="CKPT", default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--max-upload-mb", type=float, default=10, help="larger uploads get 413")
+    p.add_argument("--db", metavar="LIBRARY", default=None, help="SQLite photo library to search")
+    p.add_argument("--max-batch", type=int, default=16, help="micro-batch size; 1 turns batching off")
     p.set_defaults(run=_run_serve)
 
 
 def _run_serve(args) -> int:
-    raise UserError("serve: not implemented yet")
+    from captioner.apps.server import serve
+    try:
+        serve(args.host, args.port, model=args.model, max_upload_mb=args.max_upload_mb, db=args.db,
+              max_batch=args.max_batch)
+    except (OSError, ValueError) as e:
+        raise UserError(f"serve: {e}") from None
+    return 0
 
 
 # --- library: index / search / tags / alt-text ----------------------------------------------
 
 def _add_library(sub):
     p = sub.add_parser("index", help="caption every image under a folder into an SQLite library")
-    p.set_defaults(run=_run_not_ready)
+    p.add_argument("folder", help="folder searched recursively for jpg/jpeg/png/gif/bmp/webp/tif/tiff")
+    p.add_argument("--db", default="library.sqlite", help="SQLite library to create or update (library.sqlite)")
+    p.add_argument("--model", default=None, metavar="CKPT", help="checkpoint (default: the shipped model)")
+    p.add_argument("--beam", type=int, default=3, help="beam size (3)")
+    p.add_argument("--n-best", type=int, default=3, help="captions kept and searched per image (3)")
+    p.add_argument("--batch-size", type=int, default=16, help="images captioned and committed together (16)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_index)
     p = sub.add_parser("search", help="search a library by words")
-    p.set_defaults(run=_run_not_ready)
+    p.add_argument("query", help="free text; every word is plain text (no FTS5 syntax)")
+    p.add_argument("--db", default="library.sqlite", help="SQLite library (library.sqlite)")
+    p.add_argument("--limit", type=int, default=10, help="results shown (10)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {path, score, caption, ...}")
+    p.set_defaults(run=_run_search)
     p = sub.add_parser("tags", help="list a library's tags with counts")
-    p.set_defaults(run=_run_not_ready)
+    p.add_argument("--db", default="library.sqlite", help="SQLite library (library.sqlite)")
+    p.add_argument("--limit", type=int, default=None, help="show only the most common N tags")
+    p.add_argument("--json", action="store_true", help="print a JSON list of [tag, count]")
+    p.set_defaults(run=_run_tags)
     p = sub.add_parser("alt-text", help="fill missing alt text of <img> tags in an HTML page")
-    p.set_defaults(run=_run_not_ready)
+    p.add_argument("page", help="HTML file; images are resolved relative to it")
+    p.add_argument("-o", "--out", default=None, help="write the page here (may be PAGE itself, written "
+                   "atomically); default: print the page to stdout")
+    p.add_argument("--model", default=None, metavar="CKPT", help="checkpoint (default: the shipped model)")
+    p.add_argument("--beam", type=int, default=3, help="beam size (3)")
+    p.set_defaults(run=_run_alt_text)
 
 
-def _run_not_ready(args) -> int:
-    raise UserError(f"{args.command}: not implemented yet")
+def _load_captioner(args):
+    from captioner.apps.api import Captioner
+    try:
+        return Captioner.load(args.model, beam_size=args.beam)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
+
+
+def _run_index(args) -> int:
+    from captioner.apps.library import index_folder
+    try:
+        captioner = _load_captioner(args) if args.model else None  # None: loaded only if needed
+        s = index_folder(args.folder, args.db, captioner, beam_size=args.beam, n_best=args.n_best,
+                         batch_size=args.batch_size, progress=not args.no_progress)
+    except (ValueError, OSError) as e:
+        raise UserError(str(e)) from None
+    for line in s["errors"]:
+        print(f"skipped {line}", file=sys.stderr)
+    print(f"{s['db']}: {s['found']} images under {s['folder']}: {s['captioned']} captioned, "
+          f"{s['unchanged'] + s['touched']} unchanged, {s['removed']} removed, {s['failed']} unreadable"
+          + (f" (model {s['model']})" if s["model"] else ""))
+    return 0
+
+
+def _run_search(args) -> int:
+    import json
+    from captioner.apps.library import search
+    try:
+        hits = search(args.db, args.query, limit=args.limit)
+    except (ValueError, OSError) as e:
+        raise UserError(str(e)) from None
+    if args.json:
+        print(json.dumps(hits, indent=2))
+        return 0
+    if not hits:
+        print("no matches", file=sys.stderr)
+    for i, h in enumerate(hits, 1):
+        also = f"  (matched: {h['matched']})" if h["matched"] != h["caption"] else ""
+        print(f"{i:>3}. {h['score']:7.3f}  {h['path']}\n       {h['caption']}{also}")
+    return 0
+
+
+def _run_tags(args) -> int:
+    import json
+    from captioner.apps.library import tags
+    try:
+        counts = tags(args.db)[:args.limit]
+    except (ValueError, OSError) as e:
+        raise UserError(str(e)) from None
+    if args.json:
+        print(json.dumps(counts))
+    else:
+        for tag, n in counts:
+            print(f"{n:>6}  {tag}")
+    return 0
+
+
+def _run_alt_text(args) -> int:
+    from captioner.apps.alttext import fill_alt_text
+    try:
+        captioner = _load_captioner(args) if args.model else None  # None: loaded only if needed
+        report = fill_alt_text(args.page, args.out, captioner, beam_size=args.beam)
+    except (ValueError, OSError) as e:
+        raise UserError(str(e)) from None
+    for line in report.skipped + report.errors:
+        print(f"skipped {line}", file=sys.stderr)
+    if args.out is None:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(report.data)
+        sys.stdout.buffer.flush()
+    print(f"{args.page}: {len(report.filled)} alt texts filled, {report.kept} kept, "
+          f"{len(report.skipped)} not local, {len(report.errors)} unreadable"
+          + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
+    return 0
 
 
 # -------------------------------------------------------------------------------------------

@@ -1,0 +1,42 @@
+# Fresh machine: `make demo` installs and captions the example photos; `make test` installs and runs the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= ../shared/flickr8k
+WORK ?= work/flickr8k
+
+.PHONY: install test demo bench data features train clean
+
+install: $(VENV)/.installed
+
+# Idempotent: reinstalls only when the pins or the package metadata change.
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+test: install
+	$(VENV)/bin/pytest -q
+
+demo: install
+	$(VENV)/bin/captioner caption examples/
+
+# The full pipeline on Flickr8k (prepare -> features -> train -> evaluate).
+data: install
+	$(VENV)/bin/captioner prepare $(DATA) --out $(WORK)
+
+features: data
+	$(VENV)/bin/captioner features $(WORK)
+
+train: features
+	$(VENV)/bin/captioner train $(WORK) --out runs/flickr8k --config configs/flickr8k.toml
+
+bench: install
+	$(PY) benchmarks/features.py
+	$(PY) benchmarks/decode_speed.py
+	$(PY) benchmarks/latency.py
+	$(PY) benchmarks/load.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,64 @@
+"""Decoding speed from cached features: greedy and beam search, batched vs one image at a time.
+
+    python benchmarks/decode_speed.py [--model CKPT] [--work work/flickr8k] [--images 500]
+
+Prints ms/image for each mode and writes benchmarks/results/decode_speed.json.
+"""
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from captioner.checkpoint import load_checkpoint
+from captioner.data.datasets import load_prepared
+from captioner.decode import decode, greedy
+from captioner.features.store import FeatureStore
+from captioner.io import atomic_write_json
+
+
+def timed(fn, repeats=3):
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="checkpoint (default: the shipped model)")
+    ap.add_argument("--work", default="work/flickr8k", help="prepared WORKDIR with a lite2 feature store")
+    ap.add_argument("--images", type=int, default=500)
+    ap.add_argument("--single", type=int, default=50, help="images for the one-at-a-time runs")
+    ap.add_argument("--out", default="benchmarks/results/decode_speed.json")
+    args = ap.parse_args()
+
+    ckpt = load_checkpoint(args.model)
+    data = load_prepared(args.work)
+    store = FeatureStore.open(args.work, ckpt.config.encoder)
+    ids = [r.image_id for r in data.split("dev") if r.image_id in store][:args.images]
+    feats = torch.from_numpy(store.get(ids))
+    model, vocab = ckpt.model, ckpt.vocab
+    rows = {}
+    with torch.inference_mode():
+        rows["greedy, batched"] = timed(lambda: greedy(model, vocab, feats)) / len(ids)
+        rows["beam 1, batched"] = timed(lambda: decode(model, vocab, feats, beam_size=1)) / len(ids)
+        rows["beam 3, batched"] = timed(lambda: decode(model, vocab, feats, beam_size=3)) / len(ids)
+        rows["beam 5, batched"] = timed(lambda: decode(model, vocab, feats, beam_size=5)) / len(ids)
+        one = feats[:args.single]
+        rows["greedy, one at a time"] = timed(lambda: [greedy(model, vocab, one[i:i + 1]) for i in range(len(one))], 1) / len(one)
+        rows["beam 3, one at a time"] = timed(lambda: [decode(model, vocab, one[i:i + 1], beam_size=3) for i in range(len(one))], 1) / len(one)
+    print(f"{'mode':28s} {'ms/image':>9s} {'images/s':>9s}   ({len(ids)} dev images, {torch.get_num_threads()} threads,"
+          f" load {os.getloadavg()[0]:.1f})")
+    for k, v in rows.items():
+        print(f"{k:28s} {v * 1000:9.2f} {1 / v:9.1f}")
+    atomic_write_json(args.out, {"model": str(ckpt.path), "images": len(ids), "threads": torch.get_num_threads(),
+                                 "loadavg": os.getloadavg()[0], "ms_per_image": {k: round(v * 1000, 3) for k, v in rows.items()}})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The Python API: caption photos with a trained model in three lines.
+
+    from captioner import Captioner
+    c = Captioner.load()              # the shipped Flickr8k model
+    print(c.caption("photo.jpg").caption)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from captioner.checkpoint import Checkpoint, load_checkpoint
+from captioner.decode import decode
+from captioner.features.encoder import Encoder, ImageError, get_spec, load_image, preprocess
+
+
+@dataclass
+class CaptionResult:
+    caption: str
+    score: float
+    tokens: list[str]
+    alternatives: list[dict] = field(default_factory=list)  # [{"caption", "score"}], best first
+    attention: np.ndarray | None = None  # (len(tokens), gh, gw): where the model looked for each word
+    source: str | None = None
+
+    def to_dict(self, attention: bool = False) -> dict:
+        d = {"caption": self.caption, "score": self.score, "tokens": self.tokens,
+             "alternatives": self.alternatives, "source": self.source}
+        if attention and self.attention is not None:
+            d["attention"] = np.round(self.attention, 4).tolist()
+        return d
+
+
+def _name(src) -> str | None:
+    return str(src) if isinstance(src, (str, Path)) else getattr(src, "filename", None) or None
+
+
+class Captioner:
+    """A trained checkpoint plus the image encoder it was trained with."""
+
+    def __init__(self, checkpoint: Checkpoint, encoder: Encoder, *, beam_size: int = 3, max_len: int = 30):
+        if encoder.spec.name != checkpoint.config.encoder:
+            raise ValueError(f"{checkpoint.path}: model was trained on {checkpoint.config.encoder} features, "
+                             f"encoder is {encoder.spec.name}")
+        self.checkpoint, self.encoder = checkpoint, encoder
+        self.model, self.vocab = checkpoint.model, checkpoint.vocab
+        self.beam_size, self.max_len = beam_size, max_len
+
+    @classmethod
+    def load(cls, path=None, *, backend: str = "auto", beam_size: int = 3, max_len: int = 30) -> "Captioner":
+        """`path` None loads the shipped Flickr8k model; `backend` picks onnxruntime or torch for the CNN."""
+        ckpt = load_checkpoint(path)
+        return cls(ckpt, Encoder.load(ckpt.config.encoder, backend=backend), beam_size=beam_size, max_len=max_len)
+
+    @property
+    def info(self) -> dict:
+        spec = get_spec(self.checkpoint.config.encoder)
+        meta = self.checkpoint.meta
+        return {"name": meta.get("name", self.checkpoint.path.stem), "path": str(self.checkpoint.path),
+                "encoder": spec.name, "input_size": spec.input_size, "grid": list(spec.grid),
+                "vocab_size": len(self.vocab), "dev_scores": meta.get("dev_scores", meta.get("dev_scores_greedy")),
+                "beam_size": self.beam_size, "backend": self.encoder.backend}
+
+    def caption(self, image, *, beam_size: int | None = None, n_best: int = 1,
+                attention: bool = False) -> CaptionResult:
+        """One image (path, bytes or PIL image) -> its caption. Unreadable images raise ImageError."""
+        result = self.caption_batch([image], beam_size=beam_size, n_best=n_best, attention=attention)[0]
+        if isinstance(result, ImageError):
+            raise result
+        return result
+
+    def caption_batch(self, images: list, *, beam_size: int | None = None, n_best: int = 1,
+                      attention: bool = False) -> list[CaptionResult | ImageError]:
+        """Many images in one encoder and one decoder batch; unreadable ones come back as their ImageError."""
+        spec = self.encoder.spec
+        out: list = [None] * len(images)
+        pixels, slots = [], []
+        for i, src in enumerate(images):
+            try:
+                pixels.append(preprocess(load_image(src, name=_name(src)), spec))
+                slots.append(i)
+            except ImageError as e:
+                out[i] = e
+        if slots:
+            feats = torch.from_numpy(self.encoder.encode(np.stack(pixels)))
+            beams = decode(self.model, self.vocab, feats, beam_size=beam_size or self.beam_size,
+                           max_len=self.max_len, n_best=max(1, n_best), return_attention=attention)
+            for i, hyps in zip(slots, beams):
+                best = hyps[0]
+                att = None
+                if attention and best.attention is not None:
+                    att = best.attention.reshape(len(best.tokens), *spec.grid)
+                out[i] = CaptionResult(best.text, round(best.score, 4), best.tokens,
+                                       [{"caption": h.text, "score": round(h.score, 4)} for h in hyps],
+                                       att, _name(images[i]))
+        return out

@@ -1,0 +1,352 @@
+"""A searchable photo library: caption every image under a folder into SQLite, then search it by words.
+
+One SQLite file holds everything:
+- `images`: one row per file (path, size, mtime, sha256, caption, n-best JSON, tags JSON, model, date,
+  or the error that stopped it being captioned),
+- `images_fts`: an FTS5 index over caption, the other n-best captions and tags (rowid = images.id),
+  tokenised with Porter stemming so "dogs running" finds "a dog runs",
+- `tags`: (image_id, tag) pairs so tag counts are one GROUP BY.
+
+Indexing is incremental (size/mtime first, then the content hash) and commits per batch, so a second run
+only captions new or changed files and an interrupted run keeps everything already written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sqlite3
+from contextlib import closing
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tqdm import tqdm
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+SCHEMA_VERSION = 1
+# bm25 column weights: the best caption counts most, tags (its content words, lemmatised) next,
+# the lower-ranked n-best captions least. Chosen with benchmarks/retrieval.py on Flickr8k dev.
+WEIGHTS = (4.0, 1.0, 2.0)
+
+STOP_WORDS = frozenset("""
+a an the and or but nor of in on at to for from by with without into onto over under up down out off
+about above below across along around behind beside between beyond near through toward towards upon
+while as than then there here this that these those it its is are was were be been being am has have
+had do does did some any each every other another such very too also just only own same so not no
+his her hers him he she they them their theirs we us our you your i me my one two three four five
+who whom whose which what where when why how all both few more most many much several
+""".split())
+
+# Plurals that the suffix rules below would get wrong; the common ones in photo captions.
+_IRREGULAR = {"men": "man", "women": "woman", "children": "child", "people": "person", "feet": "foot",
+              "teeth": "tooth", "mice": "mouse", "geese": "goose", "knives": "knife", "leaves": "leaf",
+              "wolves": "wolf", "shelves": "shelf"}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL UNIQUE,      -- absolute path as found under the indexed folder
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256 TEXT,
+    caption TEXT,                   -- best caption, NULL when the file could not be captioned
+    nbest TEXT,                     -- JSON [{"caption", "score"}], best first
+    tags TEXT,                      -- JSON list of content words, most frequent first
+    model TEXT,
+    captioned_at TEXT,              -- ISO 8601 UTC
+    error TEXT                      -- why this file has no caption
+);
+CREATE VIRTUAL TABLE IF NOT EXISTS images_fts USING fts5(caption, alternatives, tags,
+    tokenize = 'porter unicode61');
+CREATE TABLE IF NOT EXISTS tags (image_id INTEGER NOT NULL, tag TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS tags_by_image ON tags(image_id);
+CREATE INDEX IF NOT EXISTS tags_by_tag ON tags(tag);
+"""
+
+
+# -----------------------------------------------------------------------------
+# words
+
+def words(text: str) -> list[str]:
+    """Lower-case word tokens; everything that is not a letter, digit or apostrophe separates words."""
+    return re.findall(r"[^\W_]+(?:'[^\W_]+)?", text.lower())
+
+
+def lemma(word: str) -> str:
+    """Lemma-light: undo English plurals only, so tags read as words ("dogs" -> "dog", "children" -> "child")."""
+    if word in _IRREGULAR:
+        return _IRREGULAR[word]
+    if len(word) > 4 and word.endswith("ies"):
+        return word[:-3] + "y"
+    if len(word) > 4 and word.endswith(("ches", "shes", "sses", "xes", "zes")):
+        return word[:-2]
+    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is", "'s")):
+        return word[:-1]
+    return word
+
+
+def caption_tags(captions: list[str]) -> list[str]:
+    """Content words of the captions, stop words removed, most frequent first (ties: first seen)."""
+    counts: dict[str, int] = {}
+    for text in captions:
+        for w in words(text):
+            if w in STOP_WORDS or len(w) < 2 or w.isdigit() or w.startswith("<"):
+                continue
+            w = lemma(w.removesuffix("'s"))
+            counts[w] = counts.get(w, 0) + 1
+    return sorted(counts, key=lambda w: -counts[w])  # sorted() is stable, so ties keep first-seen order
+
+
+# -----------------------------------------------------------------------------
+# database
+
+def _connect(db_path: Path) -> sqlite3.Connection:
+    """Open (creating if needed) a library for writing."""
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(db_path)
+    try:
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+        names = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.DatabaseError as e:
+        con.close()
+        raise ValueError(f"{db_path}: not an SQLite database ({e})") from None
+    if names and (version != SCHEMA_VERSION or "images" not in names):
+        con.close()
+        raise ValueError(f"{db_path}: not a captioner library (schema version {version}, tables {sorted(names)[:3]})")
+    con.execute("PRAGMA journal_mode=WAL")  # the web server can search while a folder is being indexed
+    con.executescript(_SCHEMA)
+    con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    return con
+
+
+def _open_readonly(db_path: str | Path) -> sqlite3.Connection:
+    """Open an existing library for reading; never creates an empty database by mistake."""
+    db_path = Path(db_path)
+    if not db_path.is_file():
+        raise FileNotFoundError(f"{db_path}: no such library (build it with `captioner index FOLDER --db {db_path}`)")
+    con = sqlite3.connect(db_path.absolute().as_uri() + "?mode=ro", uri=True)
+    try:
+        names = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.DatabaseError as e:
+        con.close()
+        raise ValueError(f"{db_path}: not an SQLite database ({e})") from None
+    if not {"images", "images_fts", "tags"} <= names:
+        con.close()
+        raise ValueError(f"{db_path}: not a captioner library (no images/images_fts/tags tables)")
+    return con
+
+
+def _delete(con: sqlite3.Connection, image_id: int) -> None:
+    con.execute("DELETE FROM images_fts WHERE rowid = ?", (image_id,))
+    con.execute("DELETE FROM tags WHERE image_id = ?", (image_id,))
+    con.execute("DELETE FROM images WHERE id = ?", (image_id,))
+
+
+def _store(con, path: str, size: int, mtime_ns: int, sha: str | None, *, result=None, error: str | None = None,
+           model: str | None = None) -> None:
+    """Insert or replace one file's row, keeping images, images_fts and tags in step."""
+    caption = nbest = tag_list = None
+    if result is not None:
+        caption = result.caption
+        alternatives = result.alternatives or [{"caption": result.caption, "score": result.score}]
+        nbest = [{"caption": a["caption"], "score": float(a["score"])} for a in alternatives]
+        tag_list = caption_tags([a["caption"] for a in nbest])
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    image_id = con.execute(
+        """INSERT INTO images (path, size, mtime_ns, sha256, caption, nbest, tags, model, captioned_at, error)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+           ON CONFLICT(path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns,
+               sha256 = excluded.sha256, caption = excluded.caption, nbest = excluded.nbest,
+               tags = excluded.tags, model = excluded.model, captioned_at = excluded.captioned_at,
+               error = excluded.error
+           RETURNING id""",
+        (path, size, mtime_ns, sha, caption, json.dumps(nbest) if nbest else None,
+         json.dumps(tag_list) if tag_list is not None else None, model, now, error)).fetchone()[0]
+    con.execute("DELETE FROM images_fts WHERE rowid = ?", (image_id,))
+    con.execute("DELETE FROM tags WHERE image_id = ?", (image_id,))
+    if caption is not None:
+        others = " | ".join(a["caption"] for a in nbest[1:])
+        con.execute("INSERT INTO images_fts (rowid, caption, alternatives, tags) VALUES (?, ?, ?, ?)",
+                    (image_id, caption, others, " ".join(tag_list)))
+        con.executemany("INSERT INTO tags (image_id, tag) VALUES (?, ?)", [(image_id, t) for t in tag_list])
+
+
+# -----------------------------------------------------------------------------
+# indexing
+
+def find_images(folder: Path) -> list[Path]:
+    """Image files under folder, recursively, sorted; hidden files and folders (".thumbnails", temp files) skipped."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(root) / f for f in files
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTS]
+    return sorted(found)
+
+
+def index_folder(folder, db_path, captioner=None, *, beam_size: int = 3, n_best: int = 3, batch_size: int = 16,
+                 progress: bool = True) -> dict:
+    """Caption every image under `folder` into the SQLite library at `db_path`; returns a summary dict.
+
+    Only new or changed files are captioned (a changed size/mtime with an unchanged sha256 just updates the
+    row), rows of files that disappeared from the folder are removed, and each batch is committed on its own.
+    Unreadable images are stored with their error and listed in summary["errors"]; they are retried only
+    once the file changes. `captioner` is a `captioner.Captioner`; None loads the shipped model, and only
+    when something needs captioning.
+    """
+    folder = Path(folder).absolute()
+    db_path = Path(db_path)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder}: not a folder")
+    files = find_images(folder)
+    summary = {"folder": str(folder), "db": str(db_path), "found": len(files), "captioned": 0, "unchanged": 0,
+               "touched": 0, "failed": 0, "removed": 0, "model": None, "errors": []}
+
+    with closing(_connect(db_path)) as con:
+        known = {}  # path -> (id, size, mtime_ns, sha256, has_caption), only rows under this folder
+        for image_id, path, size, mtime_ns, sha, caption in con.execute(
+                "SELECT id, path, size, mtime_ns, sha256, caption FROM images"):
+            if Path(path).is_relative_to(folder):
+                known[path] = (image_id, size, mtime_ns, sha, caption is not None)
+
+        # forget files that are gone
+        present = {str(p) for p in files}
+        gone = [row[0] for path, row in known.items() if path not in present]
+        for image_id in gone:
+            _delete(con, image_id)
+        con.commit()
+        summary["removed"] = len(gone)
+
+        # size and mtime unchanged: trust the stored row without reading the file
+        pending = []
+        for p in files:
+            try:
+                st = p.stat()
+            except OSError as e:
+                summary["failed"] += 1
+                summary["errors"].append(f"{p}: {e.strerror or e}")
+                continue
+            row = known.get(str(p))
+            if row and row[1] == st.st_size and row[2] == st.st_mtime_ns:
+                summary["unchanged"] += 1
+            else:
+                pending.append((p, st.st_size, st.st_mtime_ns))
+
+        model_name = None
+        bar = tqdm(total=len(pending), desc="indexing", unit="img", disable=not progress or not pending)
+        for start in range(0, len(pending), batch_size):
+            to_caption = []  # (path, size, mtime_ns, sha, bytes)
+            for p, size, mtime_ns in pending[start:start + batch_size]:
+                try:
+                    data = p.read_bytes()
+                except OSError as e:
+                    error = f"{p}: {e.strerror or e}"
+                    _store(con, str(p), size, mtime_ns, None, error=error)
+                    summary["failed"] += 1
+                    summary["errors"].append(error)
+                    continue
+                sha = hashlib.sha256(data).hexdigest()
+                row = known.get(str(p))
+                if row and row[3] == sha and row[4]:  # touched but same content: keep the caption
+                    con.execute("UPDATE images SET size = ?, mtime_ns = ? WHERE id = ?", (size, mtime_ns, row[0]))
+                    summary["touched"] += 1
+                else:
+                    to_caption.append((p, size, mtime_ns, sha, data))
+            if to_caption:
+                if captioner is None:
+                    from captioner.apps.api import Captioner
+                    captioner = Captioner.load(beam_size=beam_size)
+                model_name = model_name or str(captioner.info.get("name", "unknown"))
+                # bytes, not paths: what gets captioned is exactly what was hashed
+                results = captioner.caption_batch([item[4] for item in to_caption], beam_size=beam_size,
+                                                  n_best=n_best)
+                for (p, size, mtime_ns, sha, _), res in zip(to_caption, results):
+                    if isinstance(res, Exception):
+                        error = f"{p}: {str(res).strip().splitlines()[0] if str(res).strip() else type(res).__name__}"
+                        _store(con, str(p), size, mtime_ns, sha, error=error, model=model_name)
+                        summary["failed"] += 1
+                        summary["errors"].append(error)
+                    else:
+                        _store(con, str(p), size, mtime_ns, sha, result=res, model=model_name)
+                        summary["captioned"] += 1
+            con.commit()  # per batch: an interrupted run loses at most this batch
+            bar.update(min(batch_size, len(pending) - start))
+        bar.close()
+        summary["model"] = model_name
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# search
+
+def fts_query(query: str, mode: str = "or") -> str:
+    """Turn free text into a safe FTS5 query: every term is quoted, so `"`, `*`, NEAR, AND/OR/NOT, `-`,
+    parentheses and colons are plain words, never syntax.
+
+    mode "or": content words joined with OR (partial matches still rank, bm25 orders them);
+    "or-all": every word OR-ed, stop words included; "and": every content word required.
+    """
+    if mode not in ("or", "or-all", "and"):
+        raise ValueError(f"unknown search mode {mode!r} (expected 'or', 'or-all' or 'and')")
+    terms = list(dict.fromkeys(words(query)))
+    if mode != "or-all":
+        terms = [t for t in terms if t not in STOP_WORDS] or terms  # a query of only stop words keeps them
+    quoted = ['"' + t.replace('"', '""') + '"' for t in terms]
+    return (" AND " if mode == "and" else " OR ").join(quoted)
+
+
+def _matching_caption(query: str, captions: list[str]) -> str:
+    """The caption (best first on ties) sharing the most content words with the query, for display."""
+    want = {lemma(w) for w in words(query) if w not in STOP_WORDS}
+    return max(captions, key=lambda c: len(want & {lemma(w) for w in words(c)}))
+
+
+_RANK_SQL = """SELECT i.path, -bm25(images_fts, ?, ?, ?) AS score, i.caption, i.nbest, i.tags
+               FROM images_fts JOIN images i ON i.id = images_fts.rowid
+               WHERE images_fts MATCH ?
+               ORDER BY score DESC, i.path LIMIT ?"""
+
+
+def search(db_path, query: str, limit: int = 10, *, mode: str = "or", weights: tuple = WEIGHTS) -> list[dict]:
+    """Rank the library's images for a free-text query with FTS5 bm25.
+
+    Returns best first: {"path", "score" (higher is better), "caption" (the image's best caption),
+    "matched" (its n-best caption closest to the query), "tags"}. An empty or punctuation-only query
+    returns [].
+    """
+    match = fts_query(query, mode)
+    if not match or limit <= 0:
+        return []
+    with closing(_open_readonly(db_path)) as con:
+        rows = con.execute(_RANK_SQL, (*weights, match, int(limit))).fetchall()
+    results = []
+    for path, score, caption, nbest, tag_json in rows:
+        captions = [a["caption"] for a in json.loads(nbest)] if nbest else [caption]
+        results.append({"path": path, "score": round(float(score), 4), "caption": caption,
+                        "matched": _matching_caption(query, captions), "tags": json.loads(tag_json or "[]")})
+    return results
+
+
+def rank_many(db_path, queries: list[str], limit: int = -1, *, mode: str = "or",
+              weights: tuple = WEIGHTS) -> list[list[str]]:
+    """The ranked paths for each of many queries over one connection (what benchmarks need; -1 = all)."""
+    with closing(_open_readonly(db_path)) as con:
+        out = []
+        for q in queries:
+            match = fts_query(q, mode)
+            out.append([r[0] for r in con.execute(_RANK_SQL, (*weights, match, limit))] if match else [])
+        return out
+
+
+def tags(db_path) -> list[tuple[str, int]]:
+    """Every tag in the library with the number of images carrying it, most common first."""
+    with closing(_open_readonly(db_path)) as con:
+        return [(t, n) for t, n in con.execute(
+            "SELECT tag, COUNT(*) AS n FROM tags GROUP BY tag ORDER BY n DESC, tag")]
+
+
+def failures(db_path) -> list[tuple[str, str]]:
+    """(path, error) of every file in the library that could not be captioned."""
+    with closing(_open_readonly(db_path)) as con:
+        return list(con.execute("SELECT path, error FROM images WHERE error IS NOT NULL ORDER BY path"))

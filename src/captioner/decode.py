@@ -1,0 +1,167 @@
+"""Turning image features into words: greedy and beam search, batched over many images.
+
+Beams live in the batch dimension (rows = images x beams) so one `model.step` call advances every
+hypothesis of every image at once; images whose search is over leave the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from captioner.data.vocab import Vocabulary
+from captioner.model import ShowAttendTell
+
+
+@dataclass
+class Caption:
+    tokens: list[str]
+    score: float  # sum of log-probabilities (length-normalised when asked)
+    attention: np.ndarray | None = None  # (len(tokens), R): where the model looked for each word
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.tokens)
+
+
+def _select(state, rows: torch.Tensor):
+    return tuple(s.index_select(0, rows) for s in state)
+
+
+def _banned_logprobs(logp: torch.Tensor, vocab: Vocabulary, suppress_unk: bool) -> torch.Tensor:
+    logp[:, vocab.pad_id] = -float("inf")
+    logp[:, vocab.start_id] = -float("inf")
+    if suppress_unk:
+        logp[:, vocab.unk_id] = -float("inf")
+    return logp
+
+
+def _block_repeated_trigrams(logp: torch.Tensor, seqs: list[list[int]]) -> None:
+    """Forbid any word that would repeat a trigram already in the hypothesis (stops 'a dog and a dog and...')."""
+    for row, seq in enumerate(seqs):
+        if len(seq) < 3:
+            continue
+        last = (seq[-2], seq[-1])
+        for i in range(len(seq) - 2):
+            if (seq[i], seq[i + 1]) == last:
+                logp[row, seq[i + 2]] = -float("inf")
+
+
+@torch.no_grad()
+def greedy(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, max_len: int = 30,
+           suppress_unk: bool = True, block_trigrams: bool = True) -> list[Caption]:
+    """The most likely word at every step. Plain and fast; used for dev scoring during training."""
+    model.eval()
+    B = features.size(0)
+    state = model.init_state(features)
+    tokens = torch.full((B,), vocab.start_id, dtype=torch.long, device=features.device)
+    seqs: list[list[int]] = [[] for _ in range(B)]
+    scores = [0.0] * B
+    alive = list(range(B))  # image of each remaining row
+    for _ in range(max_len):
+        logits, _, state = model.step(tokens, state)
+        logp = _banned_logprobs(torch.log_softmax(logits.float(), dim=1), vocab, suppress_unk)
+        if block_trigrams:
+            _block_repeated_trigrams(logp, [seqs[i] for i in alive])
+        best, words = logp.max(dim=1)
+        keep = []
+        for row, (img, w, s) in enumerate(zip(alive, words.tolist(), best.tolist())):
+            scores[img] += s
+            if w != vocab.end_id:
+                seqs[img].append(w)
+                keep.append(row)
+        if not keep:
+            break
+        rows = torch.tensor(keep, device=features.device)
+        alive = [alive[r] for r in keep]
+        state, tokens = _select(state, rows), words.index_select(0, rows)
+    return [Caption(vocab.decode(s), sc) for s, sc in zip(seqs, scores)]
+
+
+@torch.no_grad()
+def decode(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, beam_size: int = 1,
+           max_len: int = 30, n_best: int = 1, length_norm: float = 0.0, suppress_unk: bool = True,
+           block_trigrams: bool = True, return_attention: bool = False) -> list[list[Caption]]:
+    """Beam search over a batch of images; returns, per image, the n best captions best first.
+
+    A hypothesis ends when it emits <end>; an image is done once it has `beam_size` ended ones.
+    If none ended within max_len, its best unfinished hypotheses are returned, so every image gets a
+    caption. `length_norm` a ranks by score / (words + 1) ** a (0 = raw log-probability).
+    """
+    model.eval()
+    K, V, dev = beam_size, model.vocab_size, features.device
+    B = features.size(0)
+    n_best = min(n_best, K)
+
+    state = _select(model.init_state(features), torch.arange(B, device=dev).repeat_interleave(K))
+    tokens = torch.full((B * K,), vocab.start_id, dtype=torch.long, device=dev)
+    # Only the first beam of each image is live at the start, so the K beams do not start identical.
+    beam_scores = torch.full((B, K), -float("inf"), device=dev)
+    beam_scores[:, 0] = 0.0
+    seqs = torch.zeros((B * K, 0), dtype=torch.long, device=dev)
+    attn = torch.zeros((B * K, 0, features.size(1)), device=dev)
+    images = list(range(B))  # original image of each row block still searching
+    finished: list[list[tuple[float, list[int], np.ndarray | None]]] = [[] for _ in range(B)]
+
+    def finish(img, score, seq, att):
+        norm = score / (len(seq) + 1) ** length_norm if length_norm else score
+        finished[img].append((norm, seq, att))
+
+    for t in range(max_len):
+        logits, alpha, state = model.step(tokens, state)
+        logp = _banned_logprobs(torch.log_softmax(logits.float(), dim=1), vocab, suppress_unk)
+        if block_trigrams and t >= 2:
+            _block_repeated_trigrams(logp, seqs.tolist())
+        total = (beam_scores.view(-1, 1) + logp).view(len(images), K * V)
+        # 2K candidates always leave K that do not end (each beam has a single <end> candidate).
+        cand_scores, cand = total.topk(2 * K, dim=1)
+        beam, word = cand // V, cand % V
+        ended = word == vocab.end_id
+
+        # Ended candidates ranked inside the top K become finished hypotheses.
+        for b, k in (ended[:, :K] & torch.isfinite(cand_scores[:, :K])).nonzero().tolist():
+            row = b * K + beam[b, k].item()
+            att = attn[row].cpu().numpy() if return_attention else None
+            if att is not None:
+                att = np.concatenate([att, alpha[row:row + 1].cpu().numpy()], 0)
+            finish(images[b], cand_scores[b, k].item(), seqs[row].tolist(), att)
+
+        # The K best candidates that do not end carry on (stable sort keeps their rank order).
+        rank = ended.long() * (2 * K) + torch.arange(2 * K, device=dev)
+        keep = rank.argsort(dim=1)[:, :K]
+        beam_scores = cand_scores.gather(1, keep)
+        src_rows = (torch.arange(len(images), device=dev).unsqueeze(1) * K + beam.gather(1, keep)).view(-1)
+        tokens = word.gather(1, keep).view(-1)
+        seqs = torch.cat([seqs.index_select(0, src_rows), tokens.unsqueeze(1)], 1)
+        if return_attention:
+            attn = torch.cat([attn.index_select(0, src_rows), alpha.index_select(0, src_rows).unsqueeze(1)], 1)
+        state = _select(state, src_rows)
+
+        done = [len(finished[img]) >= K for img in images]
+        if t == max_len - 1:  # out of length: the live beams compete as they are
+            for b, img in enumerate(images):
+                if not done[b]:
+                    for k in range(K):
+                        if torch.isfinite(beam_scores[b, k]):
+                            row = b * K + k
+                            finish(img, beam_scores[b, k].item(), seqs[row].tolist(),
+                                   attn[row].cpu().numpy() if return_attention else None)
+            break
+        if any(done):
+            blocks = [b for b, d in enumerate(done) if not d]
+            if not blocks:
+                break
+            rows = (torch.tensor(blocks, device=dev).unsqueeze(1) * K + torch.arange(K, device=dev)).view(-1)
+            images = [images[b] for b in blocks]
+            beam_scores = beam_scores[blocks]
+            tokens, seqs, state = tokens[rows], seqs[rows], _select(state, rows)
+            if return_attention:
+                attn = attn[rows]
+
+    results = []
+    for img in range(B):
+        hyps = sorted(finished[img], key=lambda h: -h[0])[:n_best]
+        results.append([Caption(vocab.decode(seq), score, None if att is None else att[:len(seq)])
+                        for score, seq, att in hyps])
+    return results

@@ -1,0 +1,292 @@
+"""`captioner evaluate`: decode a split and score it the COCO-toolkit way, or score anyone's captions.
+
+Two modes share the references, the scoring and the outputs (metrics.json, captions.json, report.html):
+- model mode: decode every present image of the split with a checkpoint (features from the WORKDIR's
+  feature store when it has them, otherwise encoded on the fly), then score;
+- captions mode (`captions_file`): score a COCO results file [{"image_id", "caption"}] from any system,
+  so other models are compared with ours on exactly equal terms. No model is loaded.
+References are the split's original captions; the metrics tokenise them as the toolkit does.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from captioner.evaluation.metrics import METRIC_KEYS, score_captions
+from captioner.evaluation.report import METRIC_NAMES, write_report
+from captioner.io import atomic_write_json
+
+NUM_ATTENTION_SAMPLES = 8  # images drawn with per-word attention overlays in the report
+
+
+# -----------------------------------------------------------------------------
+# references and candidates from files
+
+def load_split(data, split: str) -> list:
+    """The split's records (ImageRecord) from a prepared WORKDIR or a raw dataset ROOT."""
+    from captioner.data.datasets import load_prepared, read_dataset
+    data = Path(data)
+    if (data / "dataset.jsonl").is_file():
+        records = load_prepared(data).split(split)
+    else:
+        readout = read_dataset(data)  # ValueError naming what it looked for when the layout is unknown
+        records = readout.split(split)
+    if not records:
+        raise ValueError(f"{data}: the {split} split has no images")
+    return records
+
+
+def load_references_file(path) -> dict[str, list[str]]:
+    """COCO annotations {"images", "annotations": [{"image_id", "caption"}]} or JSONL {"image", "caption"}.
+
+    Keys are image ids as strings; for COCO files an image's file_name works as its id too.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such references file")
+    text = path.read_text(encoding="utf-8-sig")
+    refs: dict[str, list[str]] = {}
+    if path.suffix.lower() == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                image, caption = str(d["image"]), d["caption"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: expected {{\"image\", \"caption\"}} ({type(e).__name__}: {e})") from None
+            if not isinstance(caption, str) or not caption.strip():
+                raise ValueError(f"{path}:{n}: empty or non-text caption")
+            refs.setdefault(image, []).append(caption)
+    else:
+        try:
+            d = json.loads(text)
+            anns = d["annotations"]
+            names = {str(im["id"]): im.get("file_name") for im in d.get("images", [])}
+            for a in anns:
+                refs.setdefault(str(a["image_id"]), []).append(str(a["caption"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a COCO annotations file ({type(e).__name__}: {e})") from None
+        for image_id, name in names.items():
+            if name and image_id in refs and name not in refs:
+                refs[name] = refs[image_id]
+    if not refs:
+        raise ValueError(f"{path}: no references")
+    return refs
+
+
+def load_results_file(path) -> tuple[dict[str, str], list[str]]:
+    """COCO results [{"image_id", "caption"}] -> ({image_id: caption}, notes). Bad items are skipped
+    and reported; a second caption for an image is ignored (the toolkit scores one per image)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such captions file")
+    try:
+        items = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected a COCO results list [{{\"image_id\", \"caption\"}}, ...]")
+    captions, bad, dupes = {}, [], 0
+    for i, it in enumerate(items):
+        if not (isinstance(it, dict) and "image_id" in it and isinstance(it.get("caption"), str)):
+            bad.append(i)
+            continue
+        key = str(it["image_id"])
+        if key in captions:
+            dupes += 1
+        else:
+            captions[key] = it["caption"]
+    notes = []
+    if bad:
+        notes.append(f"{path}: skipped {len(bad)} item(s) without image_id and caption text "
+                     f"(item {', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''})")
+    if dupes:
+        notes.append(f"{path}: {dupes} extra caption(s) for an image already captioned; kept the first")
+    if not captions:
+        raise ValueError(f"{path}: no usable captions")
+    return captions, notes
+
+
+# -----------------------------------------------------------------------------
+# decoding
+
+def _open_store(data, encoder: str):
+    """The WORKDIR's feature store for this encoder, or None (then images are encoded on the fly)."""
+    from captioner.features.store import FeatureStore
+    if not (Path(data) / "features" / encoder).is_dir():
+        return None, None
+    try:
+        return FeatureStore.open(data, encoder), None
+    except ValueError as e:  # incomplete or mismatched store: still usable for nothing, say why
+        return None, f"feature store not used: {e}"
+
+
+def decode_split(ckpt, records, *, data, beam_size: int, max_len: int, batch_size: int, backend: str = "auto",
+                 progress: bool = True, attention_ids: set | None = None):
+    """Caption every record. Returns ({image_id: Caption}, notes, counts).
+
+    Features come from the feature store where it has the image, otherwise from the encoder; images
+    that cannot be read are reported and skipped.
+    """
+    import torch
+    from captioner.decode import decode
+    from captioner.features.encoder import Encoder, ImageError, load_image, preprocess
+
+    encoder_name = ckpt.config.encoder
+    store, note = _open_store(data, encoder_name)
+    notes = [note] if note else []
+    encoder = None
+    captions, counts = {}, {"features_from_store": 0, "features_encoded": 0, "unreadable": 0}
+    attention_ids = attention_ids or set()
+    bar = tqdm(total=len(records), desc=f"decoding (beam {beam_size})", unit="img", disable=not progress)
+    for start in range(0, len(records), batch_size):
+        batch = records[start:start + batch_size]
+        ids, feats = [], []
+        in_store = [r for r in batch if store is not None and r.image_id in store]
+        if in_store:
+            ids += [r.image_id for r in in_store]
+            feats.append(store.get([r.image_id for r in in_store]))
+            counts["features_from_store"] += len(in_store)
+        pixels = []
+        for r in batch:
+            if store is not None and r.image_id in store:
+                continue
+            if encoder is None:
+                encoder = Encoder.load(encoder_name, backend)
+            try:
+                pixels.append(preprocess(load_image(r.path, name=r.image_id), encoder.spec))
+                ids.append(r.image_id)
+            except ImageError as e:
+                counts["unreadable"] += 1
+                notes.append(f"skipped {e}")
+        if pixels:
+            feats.append(encoder.encode(np.stack(pixels)))
+            counts["features_encoded"] += len(pixels)
+        if ids:
+            x = torch.from_numpy(np.concatenate(feats))
+            for image_id, hyps in zip(ids, decode(ckpt.model, ckpt.vocab, x, beam_size=beam_size,
+                                                  max_len=max_len)):
+                captions[image_id] = hyps[0]
+            # attention only for the few images the report draws: a second small decode is cheaper
+            # than carrying attention for every beam of every image
+            want = [i for i, image_id in enumerate(ids) if image_id in attention_ids]
+            if want:
+                hyps = decode(ckpt.model, ckpt.vocab, x[want], beam_size=beam_size, max_len=max_len,
+                              return_attention=True)
+                for i, h in zip(want, hyps):
+                    captions[ids[i]] = h[0]
+        bar.update(len(batch))
+    bar.close()
+    return captions, notes, counts
+
+
+# -----------------------------------------------------------------------------
+# the command
+
+def format_table(metrics: dict) -> str:
+    """The corpus scores as a small aligned text table."""
+    names = [METRIC_NAMES[k] for k in METRIC_KEYS]
+    values = ["n/a" if metrics.get(k) is None else f"{metrics[k]:.4f}" for k in METRIC_KEYS]
+    widths = [max(len(a), len(b)) for a, b in zip(names, values)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+    return line(names) + "\n" + line(values)
+
+
+def evaluate(model: str | Path | None, data: str | Path, split: str = "dev", *, beam_size: int = 3,
+             out: str | Path, captions_file=None, references_file=None, max_len: int = 30,
+             batch_size: int = 100, progress: bool = True, limit: int | None = None, meteor: bool = True,
+             backend: str = "auto") -> dict:
+    """Score a split (see the module docstring) and write metrics.json, captions.json and report.html.
+
+    data may be None only when references_file is given. limit keeps the first N images of the split
+    (quick checks). Returns the metrics dict written to metrics.json.
+    """
+    out = Path(out)
+    notes: list[str] = []
+    paths: dict[str, Path | None] = {}
+    if references_file is not None:
+        references = load_references_file(references_file)
+    else:
+        if data is None:
+            raise ValueError("evaluate needs --data (a WORKDIR or dataset ROOT) or --references")
+        records = load_split(data, split)
+        references = {r.image_id: r.captions for r in records}
+        paths = {r.image_id: r.path for r in records}
+    if data is not None and references_file is not None:
+        try:  # image files for the report's thumbnails when the dataset is at hand
+            paths = {r.image_id: r.path for r in load_split(data, split)}
+        except ValueError:
+            pass
+
+    info = {"split": split}
+    attention_items = []
+    if captions_file is not None:
+        candidates, more = load_results_file(captions_file)
+        notes += more
+        unknown = [k for k in candidates if k not in references]
+        if unknown:
+            notes.append(f"{captions_file}: {len(unknown)} caption(s) for images without references skipped "
+                         f"(e.g. {', '.join(unknown[:3])})")
+        candidates = {k: v for k, v in candidates.items() if k in references}
+        if limit:
+            candidates = dict(list(candidates.items())[:limit])
+        if not candidates:
+            raise ValueError(f"{captions_file}: none of its image ids has references in the {split} split")
+        uncaptioned = len(references) - len(candidates)
+        if uncaptioned and not limit:
+            notes.append(f"{uncaptioned} image(s) with references have no caption in {captions_file}; "
+                         "scored only the captioned ones")
+        info.update(model=Path(captions_file).name, encoder=None, beam_size=None)
+    else:
+        if data is None:
+            raise ValueError("decoding a model needs --data (a WORKDIR or dataset ROOT with the images)")
+        from captioner.checkpoint import default_model_path, load_checkpoint
+        ckpt = load_checkpoint(model if model is not None else default_model_path())
+        present = [k for k in references if paths.get(k) is not None]
+        absent = len(references) - len(present)
+        if absent:
+            notes.append(f"{absent} of {len(references)} {split} images are absent from the dataset; not scored")
+        if limit:
+            present = present[:limit]
+        if not present:
+            raise ValueError(f"{data}: none of the {len(references)} {split} images is present; nothing to decode")
+        from captioner.data.datasets import ImageRecord
+        records = [ImageRecord(k, paths[k], references[k], split) for k in present]
+        sample = set(present[:: max(1, len(present) // NUM_ATTENTION_SAMPLES)][:NUM_ATTENTION_SAMPLES])
+        decoded, more, counts = decode_split(ckpt, records, data=data, beam_size=beam_size, max_len=max_len,
+                                             batch_size=batch_size, backend=backend, progress=progress,
+                                             attention_ids=sample)
+        notes += more
+        if not decoded:
+            raise ValueError(f"{data}: no {split} image could be read; nothing to score")
+        candidates = {k: c.text for k, c in decoded.items()}
+        grid = None
+        for k in sample:
+            c = decoded.get(k)
+            if c is not None and c.attention is not None and c.tokens:
+                if grid is None:
+                    from captioner.features.encoder import get_spec
+                    grid = get_spec(ckpt.config.encoder).grid
+                attention_items.append({"image_id": k, "path": paths[k], "words": c.tokens,
+                                        "attention": c.attention.reshape(len(c.tokens), *grid)})
+        info.update(model=ckpt.meta.get("name") or Path(ckpt.path).stem, encoder=ckpt.config.encoder,
+                    beam_size=beam_size, max_len=max_len, **counts)
+
+    scores = score_captions(candidates, references, meteor=meteor)
+    notes += scores.notes
+    metrics = {**scores.corpus, **info, "num_images": len(candidates), "tokenizer": scores.tokenizer,
+               "notes": notes}
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "captions.json", [{"image_id": k, "caption": v} for k, v in candidates.items()])
+    items = [{"image_id": k, "caption": v, "references": references[k], "scores": scores.per_image[k],
+              "path": paths.get(k)} for k, v in candidates.items()]
+    shown = {k: v for k, v in info.items() if v is not None}
+    write_report(out / "report.html", items, scores.corpus, title=f"Caption evaluation: {split} split",
+                 info={**shown, "images": len(candidates)}, attention=attention_items)
+    return metrics

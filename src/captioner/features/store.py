@@ -1,0 +1,273 @@
+"""Feature store: every image encoded once into one flat float16 file, read back by row.
+
+Layout of WORKDIR/features/<encoder>/:
+    features.f16   raw float16 (N, R, C), row i belongs to index["ids"][i]; np.memmap-able
+    index.json     {"encoder": spec, "ids": [...], "failed": {id: reason}, "complete": bool}
+
+index.json doubles as the progress file. build_features appends a batch of rows, fsyncs them,
+then rewrites index.json atomically, so "ids" only ever names rows that are safely on disk.
+After a crash (Ctrl-C, kill -9) the file may hold rows past len(ids): a resume cuts them off and
+carries on, so finished rows are never recomputed and the result is byte-identical to a clean run.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from captioner.features.encoder import EncoderSpec, ImageError, get_spec, load_image, preprocess
+from captioner.io import atomic_write_json, read_json
+
+FEATURES_FILE = "features.f16"
+INDEX_FILE = "index.json"
+
+
+def store_dir(workdir, encoder: str) -> Path:
+    return Path(workdir) / "features" / encoder
+
+
+def _row_bytes(spec: EncoderSpec) -> int:
+    return spec.num_regions * spec.channels * 2
+
+
+def _write_index(folder: Path, spec: EncoderSpec, ids: list[str], failed: dict, complete: bool) -> None:
+    atomic_write_json(folder / INDEX_FILE, {"encoder": spec.to_dict(), "ids": ids, "failed": failed,
+                                            "complete": complete}, indent=None)
+
+
+def _load_batch(items: list[tuple[str, Path]], spec: EncoderSpec):
+    """Decode one batch -> (ids, pixels (b,3,S,S) or None, {id: reason} for the bad ones)."""
+    ids, pixels, bad = [], [], {}
+    for image_id, path in items:
+        try:
+            pixels.append(preprocess(load_image(path, name=image_id), spec))
+            ids.append(image_id)
+        except ImageError as e:
+            bad[image_id] = str(e).removeprefix(f"{image_id}: ")
+    return ids, (np.stack(pixels) if pixels else None), bad
+
+
+def build_features(workdir, images_dir=None, encoder: str = "lite2", backend: str = "auto",
+                   batch_size: int = 32, progress: bool = True) -> dict:
+    """Encode every present image of a prepared WORKDIR into WORKDIR/features/<encoder>/.
+
+    Resumable: rows already in the store are kept as they are; images that failed before are
+    tried again. Bad images are left out and reported with their reason; the run carries on.
+    `images_dir` looks images up as images_dir/<image_id> instead of the prepared paths.
+    """
+    from captioner.data.datasets import load_prepared
+    from captioner.features.encoder import Encoder
+
+    t0 = time.time()
+    spec = get_spec(encoder)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    data = load_prepared(workdir)
+    folder = store_dir(workdir, spec.name)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    # what there is to encode, in dataset order (fixed order -> reproducible row layout)
+    images, missing = [], 0
+    for r in data.records:
+        path = Path(images_dir) / r.image_id if images_dir else r.path
+        if path is None or (images_dir and not path.is_file()):
+            missing += 1
+        else:
+            images.append((r.image_id, path))
+
+    ids, failed_before, complete_before = [], {}, False
+    if (folder / INDEX_FILE).is_file():
+        index = read_json(folder / INDEX_FILE)
+        if EncoderSpec.from_dict(index["encoder"]) != spec:
+            raise ValueError(f"{folder / INDEX_FILE}: store built with "
+                             f"{EncoderSpec.from_dict(index['encoder']).describe()}, asked for {spec.describe()}")
+        ids, failed_before, complete_before = list(index["ids"]), index["failed"], bool(index["complete"])
+    done = set(ids)
+    # images that failed before go last, so a resumed run batches the rest exactly as a clean run did
+    todo = [(i, p) for i, p in images if i not in done and i not in failed_before]
+    todo += [(i, p) for i, p in images if i not in done and i in failed_before]
+    in_plan = {i for i, _ in images}
+    failed = {i: r for i, r in failed_before.items() if i in in_plan}  # kept until a retry succeeds
+    row = _row_bytes(spec)
+
+    fd = os.open(folder / FEATURES_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.ftruncate(fd, len(ids) * row)  # drop rows a crash left beyond the last committed index
+        if todo or not complete_before:
+            _write_index(folder, spec, ids, failed, complete=False)
+        if todo:
+            enc = Encoder.load(spec.name, backend)
+            t_encode = time.time()  # images/s counts decoding + encoding, not loading the model
+            batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+            crash_after = int(os.environ.get("CAPTIONER_TEST_CRASH_AFTER", "0"))  # tests: die hard mid-run
+            bar = tqdm(total=len(todo), unit="img", desc=f"features {spec.name}/{enc.backend}",
+                       disable=not progress, dynamic_ncols=True)
+            # decode the next batch on a thread while the encoder runs (Pillow releases the GIL)
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                pending = pool.submit(_load_batch, batches[0], spec)
+                for k in range(len(batches)):
+                    batch_ids, pixels, bad = pending.result()
+                    if k + 1 < len(batches):
+                        pending = pool.submit(_load_batch, batches[k + 1], spec)
+                    for image_id, reason in bad.items():
+                        failed[image_id] = reason
+                        bar.write(f"skipped {image_id}: {reason}")
+                    if pixels is not None:
+                        feats = enc.encode(pixels).astype(np.float16)
+                        os.pwrite(fd, feats.tobytes(), len(ids) * row)
+                        os.fsync(fd)  # rows on disk before the index names them
+                        ids.extend(batch_ids)
+                        for image_id in batch_ids:
+                            failed.pop(image_id, None)
+                    _write_index(folder, spec, ids, failed, complete=False)
+                    bar.update(len(batches[k]))
+                    if crash_after and k + 1 >= crash_after:
+                        os._exit(99)
+            bar.close()
+        _write_index(folder, spec, ids, failed, complete=True)
+    finally:
+        os.close(fd)
+
+    seconds = time.time() - t0
+    encoded = len(ids) - len(done)
+    return {"encoder": spec.name, "store": str(folder), "images": len(images), "missing": missing,
+            "encoded": encoded, "skipped_done": len(images) - len(todo), "failed": failed,
+            "rows": len(ids), "seconds": round(seconds, 2),
+            "images_per_s": round(encoded / (time.time() - t_encode), 2) if encoded else 0.0}
+
+
+class FeatureStore:
+    """Read-only access to a finished store. Rows are read with os.pread, so the file's pages sit in
+    the OS page cache (shared by every DataLoader worker), not in each process's RSS."""
+
+    def __init__(self, folder: Path, spec: EncoderSpec, ids: list[str], failed: dict):
+        self.folder = folder
+        self.spec = spec
+        self.ids = ids
+        self.failed = failed
+        self._rows = {image_id: i for i, image_id in enumerate(ids)}
+        self._row_bytes = _row_bytes(spec)
+        self._fd, self._pid = None, None
+        size = (folder / FEATURES_FILE).stat().st_size if (folder / FEATURES_FILE).is_file() else -1
+        if size < len(ids) * self._row_bytes:
+            raise ValueError(f"{folder / FEATURES_FILE}: holds {max(size, 0)} bytes, "
+                             f"index needs {len(ids) * self._row_bytes}; rebuild with `captioner features`")
+
+    @classmethod
+    def open(cls, workdir, encoder: str | None = None) -> "FeatureStore":
+        root = Path(workdir) / "features"
+        built = sorted(q.parent.name for q in root.glob(f"*/{INDEX_FILE}"))
+        if encoder is None:
+            if not built:
+                raise ValueError(f"{root}: no feature store; run `captioner features {workdir}` first")
+            if len(built) > 1 and "lite2" not in built:
+                raise ValueError(f"{root}: several feature stores ({', '.join(built)}); pick one with encoder=")
+            name = built[0] if len(built) == 1 else "lite2"
+        else:
+            name = encoder
+            want = get_spec(encoder)
+            if name not in built:
+                if built:
+                    have = EncoderSpec.from_dict(read_json(root / built[0] / INDEX_FILE)["encoder"])
+                    raise ValueError(f"{root}: store built with {have.describe()}, model expects "
+                                     f"{want.describe()}; run `captioner features {workdir} --encoder {name}`")
+                raise ValueError(f"{root}: no feature store; run `captioner features {workdir} --encoder {name}`")
+        index_file = root / name / INDEX_FILE
+        try:
+            index = read_json(index_file)
+            spec = EncoderSpec.from_dict(index["encoder"])
+            ids, failed, complete = list(index["ids"]), dict(index["failed"]), bool(index["complete"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{index_file}: unreadable ({type(e).__name__}: {e})") from None
+        if not complete:
+            raise ValueError(f"{index_file}: store is incomplete ({len(ids)} rows); "
+                             f"finish it with `captioner features {workdir} --encoder {name}`")
+        store = cls(root / name, spec, ids, failed)
+        store.check_encoder(encoder or name)
+        return store
+
+    def check_encoder(self, name: str) -> None:
+        want = get_spec(name)
+        if want != self.spec:
+            raise ValueError(f"{self.folder}: store built with {self.spec.describe()}, "
+                             f"model expects {want.describe()}")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, image_id) -> bool:
+        return image_id in self._rows
+
+    def row_of(self, image_id: str) -> int:
+        try:
+            return self._rows[image_id]
+        except KeyError:
+            raise KeyError(f"{image_id}: not in the feature store {self.folder}") from None
+
+    def _file(self) -> int:
+        # one descriptor per process: forked DataLoader workers must not share the parent's
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.folder / FEATURES_FILE, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def get(self, image_ids: list[str]) -> np.ndarray:
+        """(B, R, C) float32 for these images, in the order given."""
+        fd, n = self._file(), self._row_bytes
+        out = np.empty((len(image_ids), self.spec.num_regions, self.spec.channels), np.float32)
+        for b, image_id in enumerate(image_ids):
+            buf = os.pread(fd, n, self.row_of(image_id) * n)
+            out[b] = np.frombuffer(buf, np.float16).reshape(out.shape[1:])
+        return out
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+
+    def __getstate__(self):  # picklable for spawned DataLoader workers; they reopen the file
+        return {**self.__dict__, "_fd": None, "_pid": None}
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class CaptionDataset(torch.utils.data.Dataset):
+    """One item per image of `split` that is in the store: (features (R, C), captions (k, L))."""
+
+    def __init__(self, store: FeatureStore, data, split: str, max_len: int = 30):
+        self.store, self.max_len = store, max_len
+        self.tokens = data.tokens
+        self.vocab = data.vocab
+        self.image_ids = [r.image_id for r in data.split(split) if r.image_id in store and data.tokens.get(r.image_id)]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, i: int):
+        image_id = self.image_ids[i]
+        features = torch.from_numpy(self.store.get([image_id])[0])
+        rows = [self.vocab.encode(t, self.max_len) for t in self.tokens[image_id]]
+        captions = torch.full((len(rows), max(map(len, rows))), self.vocab.pad_id, dtype=torch.long)
+        for j, r in enumerate(rows):
+            captions[j, :len(r)] = torch.tensor(r)
+        return features, captions
+
+
+def collate_images(batch, pad_id: int = 0):
+    """[(features (R,C), captions (k_i, L_i))] -> features (B,R,C), captions (sum k_i, Lmax), image_index (sum k_i,).
+
+    image_index[n] is the batch position of caption n's image: a model runs per-image work once
+    and expands it with features[image_index]."""
+    features = torch.stack([f for f, _ in batch])
+    longest = max(c.shape[1] for _, c in batch)
+    captions = torch.cat([torch.nn.functional.pad(c, (0, longest - c.shape[1]), value=pad_id) for _, c in batch])
+    image_index = torch.cat([torch.full((c.shape[0],), b, dtype=torch.long) for b, (_, c) in enumerate(batch)])
+    return features, captions, image_index

@@ -1,0 +1,111 @@
+"""The whole Show, Attend and Tell model (Xu et al. 2015, soft attention), top to bottom.
+
+Image side: a grid of R regions x C channels from a pretrained CNN (computed once, cached on disk).
+Text side: an LSTMCell that, at every step, attends over the regions (Bahdanau attention), gates the
+context with a scalar beta, and predicts the next word.
+
+Shapes: B images, N captions (several per image), R regions, C feature channels, T steps, V words.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from captioner.config import Config
+
+# The decoder state threaded through `step`: projected features, their attention keys, h, c.
+State = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class Attention(nn.Module):
+    """Additive attention: score_r = w . tanh(K_r + W h). K is precomputed once per image."""
+
+    def __init__(self, feature_dim: int, decoder_dim: int, attention_dim: int):
+        super().__init__()
+        self.key = nn.Linear(feature_dim, attention_dim)
+        self.query = nn.Linear(decoder_dim, attention_dim)
+        self.score = nn.Linear(attention_dim, 1)
+
+    def forward(self, values, keys, h):
+        e = self.score(torch.tanh(keys + self.query(h).unsqueeze(1))).squeeze(2)  # (N, R)
+        alpha = torch.softmax(e, dim=1)
+        context = torch.bmm(alpha.unsqueeze(1), values).squeeze(1)  # (N, D)
+        return context, alpha
+
+
+class ShowAttendTell(nn.Module):
+    def __init__(self, config: Config, vocab_size: int):
+        super().__init__()
+        self.config = config
+        self.vocab_size = vocab_size
+        D = config.project_dim
+        H = config.decoder_dim
+        # Projecting the 1280-channel grid once per image keeps every per-step product small.
+        self.project = nn.Sequential(nn.Linear(config.feature_dim, D), nn.ReLU(), nn.Dropout(config.dropout))
+        self.attention = Attention(D, H, config.attention_dim)
+        self.init_h = nn.Linear(D, H)
+        self.init_c = nn.Linear(D, H)
+        self.beta = nn.Linear(H, 1)  # the gating scalar: how much the image matters for this word
+        self.embed = nn.Embedding(vocab_size, config.embed_dim)
+        self.lstm = nn.LSTMCell(config.embed_dim + D, H)
+        self.dropout = nn.Dropout(config.dropout)
+        self.out = nn.Linear(H, vocab_size)
+        if config.tie_weights:
+            if config.embed_dim != H:
+                raise ValueError("tie_weights needs embed_dim == decoder_dim")
+            self.out.weight = self.embed.weight
+        self._init_weights()
+
+    def _init_weights(self):
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        nn.init.zeros_(self.out.bias)
+        if not self.config.tie_weights:
+            nn.init.uniform_(self.out.weight, -0.1, 0.1)
+
+    def init_state(self, features: torch.Tensor) -> State:
+        """Everything that depends only on the image, computed once per image: (B,R,C) -> State."""
+        values = self.project(features)
+        keys = self.attention.key(values)
+        mean = values.mean(dim=1)
+        return values, keys, torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))
+
+    def step(self, tokens: torch.Tensor, state: State):
+        """One word: previous tokens (N,) -> logits (N,V), attention (N,R), next state."""
+        values, keys, h, c = state
+        context, alpha = self.attention(values, keys, h)
+        context = torch.sigmoid(self.beta(h)) * context
+        h, c = self.lstm(torch.cat([self.embed(tokens), context], dim=1), (h, c))
+        logits = self.out(self.dropout(h))
+        return logits, alpha, (values, keys, h, c)
+
+    def forward(self, features: torch.Tensor, captions: torch.Tensor, image_index: torch.Tensor):
+        """Teacher forcing. features (B,R,C); captions (N,L) = <start> words <end> <pad>...;
+        image_index (N,) says which image each caption describes. Returns logits (N,L-1,V) and
+        attention (N,L-1,R) for predicting captions[:, 1:]."""
+        state = tuple(s.index_select(0, image_index) for s in self.init_state(features))
+        logits, alphas = [], []
+        for t in range(captions.size(1) - 1):
+            step_logits, alpha, state = self.step(captions[:, t], state)
+            logits.append(step_logits)
+            alphas.append(alpha)
+        return torch.stack(logits, 1), torch.stack(alphas, 1)
+
+    @torch.no_grad()
+    def attention_weights(self, features, captions, image_index=None) -> torch.Tensor:
+        """Per-step attention (N,L-1,R) for given captions, for visualisation."""
+        if image_index is None:
+            image_index = torch.arange(captions.size(0))
+        return self(features, captions, image_index)[1]
+
+
+def caption_loss(logits, alphas, captions, config: Config, pad_id: int = 0):
+    """Cross-entropy on the next word plus the doubly stochastic attention regulariser.
+    Returns (total, cross-entropy). Kept outside the module so DistributedDataParallel wraps forward only."""
+    targets = captions[:, 1:]
+    xent = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                           ignore_index=pad_id, label_smoothing=config.label_smoothing)
+    mask = (targets != pad_id).unsqueeze(2).to(alphas.dtype)
+    # Pushes every region to receive about one unit of attention over the whole caption.
+    reg = ((1.0 - (alphas * mask).sum(1)) ** 2).mean()
+    return xent + config.alpha_c * reg, xent

@@ -1,0 +1,264 @@
+"""The whole training loop: teacher forcing with cross-entropy, dev selection by real decoding.
+
+Runs as it is on one CPU or GPU, and under `torchrun --nproc_per_node=N` with DistributedDataParallel
+(gloo on CPU, nccl on GPU): each rank takes its share of the batches, rank 0 alone scores dev and
+writes files.
+
+RUNDIR gets: config.json, last.safetensors and best.safetensors (weights + config + vocabulary +
+metadata), state.safetensors (optimiser and RNG state, for --resume), log.csv and curves.png.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+from tqdm import tqdm
+
+from captioner.checkpoint import save_checkpoint
+from captioner.config import Config
+from captioner.data.datasets import PreparedData, load_prepared
+from captioner.decode import greedy
+from captioner.features.store import CaptionDataset, FeatureStore, collate_images
+from captioner.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from captioner.model import ShowAttendTell, caption_loss
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffled batches of images with similar caption lengths, so little work goes into padding.
+    Depends only on (seed, epoch): a resumed run sees exactly the batches it would have seen."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    chunk = batch_size * 50
+    batches = []
+    for i in range(0, len(order), chunk):
+        part = sorted(order[i:i + chunk], key=lambda j: lengths[j])
+        batches += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def lr_at(step: int, total: int, config: Config) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, total - config.warmup_steps))
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# --- dev scoring -----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def dev_scores(model, data: PreparedData, store: FeatureStore, split: str = "dev", batch_size: int = 250,
+               device="cpu", max_len: int = 30) -> tuple[dict, dict]:
+    """Greedy-decode the split and score it with the COCO toolkit (real decoding, never teacher forcing)."""
+    from captioner.evaluation.metrics import score_captions
+    model = getattr(model, "module", model)
+    records = [r for r in data.split(split) if r.image_id in store]
+    candidates = {}
+    for i in range(0, len(records), batch_size):
+        ids = [r.image_id for r in records[i:i + batch_size]]
+        feats = torch.from_numpy(store.get(ids)).to(device)
+        for image_id, cap in zip(ids, greedy(model, data.vocab, feats, max_len=max_len)):
+            candidates[image_id] = cap.text
+    references = {r.image_id: r.captions for r in records}
+    # the pure-Python PTB tokenizer gives the same tokens as the Java one on Flickr8k, without a JVM start
+    scores = score_captions(candidates, references, meteor=False, tokenizer="python")
+    model.train()
+    return scores.corpus, candidates
+
+
+# --- state that lets an interrupted run continue bit for bit ----------------------------------------
+
+def save_state(path: Path, model, optimizer, epoch: int, step: int, best: float, bad_epochs: int,
+               history: list):
+    """Weights, optimiser and RNG in one atomic file, so they can never disagree after a crash."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    groups = []
+    for i, s in optimizer.state_dict()["state"].items():
+        for k, v in s.items():
+            tensors[f"opt.{i}.{k}"] = v.detach().cpu().contiguous()
+    for g in optimizer.state_dict()["param_groups"]:
+        groups.append({k: v for k, v in g.items()})
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"epoch": epoch, "step": step, "best": best, "bad_epochs": bad_epochs, "history": history,
+            "param_groups": groups, "rng.python": repr(random.getstate()),
+            "rng.numpy": json.dumps(np.random.get_state()[1].tolist())}
+    atomic_write_bytes(path, st_save(tensors, metadata={k: json.dumps(v) for k, v in meta.items()}))
+
+
+def load_state(path: Path, model, optimizer) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: json.loads(v) for k, v in f.metadata().items()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    return meta
+
+
+# --- logs and plots ------------------------------------------------------------------------------
+
+def write_logs(rundir: Path, history: list[dict]) -> None:
+    if not history:
+        return
+    keys = list(dict.fromkeys(k for h in history for k in h))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(rundir / "log.csv", buf.getvalue())
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train cross-entropy")
+    ax1.set_xlabel("epoch"), ax1.set_ylabel("loss"), ax1.legend(), ax1.grid(alpha=0.3)
+    for key in ("bleu4", "cider"):
+        if key in history[0]:
+            ax2.plot(epochs, [h[key] for h in history], "o-", label=f"dev {key} (greedy)")
+    ax2.set_xlabel("epoch"), ax2.set_ylabel("score"), ax2.legend(), ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(rundir / "curves.png", buf.getvalue())
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+def train(workdir, out, config: Config | None = None, *, resume: bool = False, device: str | None = None,
+          progress: bool = True, stop_after_steps: int | None = None) -> dict:
+    """Train on WORKDIR's train split; select on dev. Returns the best dev scores.
+    `stop_after_steps` ends the run abruptly after that many optimiser steps (for tests of resume)."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        rank, world = 0, 1
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    main = rank == 0
+    rundir = Path(out)
+
+    resuming = resume and (rundir / "state.safetensors").exists()
+    if resuming:  # the run's own config wins; only the number of epochs may be extended
+        saved = Config.from_json((rundir / "config.json").read_text())
+        config = saved.replace(epochs=config.epochs if config else None)
+    elif (rundir / "state.safetensors").exists():
+        raise ValueError(f"{rundir}: already holds a training run; pass --resume or choose another --out")
+    config = config or Config()
+    random.seed(config.seed), np.random.seed(config.seed), torch.manual_seed(config.seed)
+
+    data = load_prepared(workdir)
+    store = FeatureStore.open(workdir, config.encoder)
+    spec = store.spec
+    if (spec.channels, spec.num_regions) != (config.feature_dim, config.num_regions):
+        config = config.replace(feature_dim=spec.channels, num_regions=spec.num_regions)
+    train_set = CaptionDataset(store, data, "train", config.max_len)
+    model = ShowAttendTell(config, len(data.vocab)).to(device)
+    if main:
+        rundir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(rundir / "config.json", json.dumps(json.loads(config.to_json()), indent=2) + "\n")
+
+    net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    start_epoch, step, best, bad_epochs, history = 0, 0, -1.0, 0, []
+    if resuming:
+        meta = load_state(rundir / "state.safetensors", model, optimizer)
+        start_epoch, step, best = meta["epoch"] + 1, meta["step"], meta["best"]
+        bad_epochs, history = meta["bad_epochs"], meta["history"]
+        if main:
+            print(f"resuming {rundir} after epoch {meta['epoch'] + 1} (step {step})")
+
+    lengths = [min(config.max_len, max(len(t) for t in data.tokens[i])) for i in train_set.image_ids]
+    steps_per_epoch = len(epoch_batches(lengths, config.batch_size, config.seed, 0)) // world
+    total_steps = steps_per_epoch * config.epochs
+    meta_base = {"name": rundir.name, "encoder": config.encoder, "input_size": spec.input_size,
+                 "grid": list(spec.grid), "workdir": str(workdir)}
+    use_bf16 = device.type == "cuda"
+
+    for epoch in range(start_epoch, config.epochs):
+        batches = epoch_batches(lengths, config.batch_size, config.seed, epoch)
+        batches = batches[rank::world][:steps_per_epoch]
+        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=collate_images,
+                                             num_workers=config.num_workers)
+        net.train()
+        t0, seen, loss_sum, n = time.time(), 0, 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (progress and main),
+                   unit="batch", dynamic_ncols=True)
+        for feats, caps, index in bar:
+            feats, caps, index = feats.to(device), caps.to(device), index.to(device)
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step, total_steps, config)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                logits, alphas = net(feats, caps, index)
+            loss, xent = caption_loss(logits.float(), alphas.float(), caps, config, data.vocab.pad_id)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            step += 1
+            seen += caps.size(0)
+            loss_sum += xent.item()
+            n += 1
+            bar.set_postfix(loss=f"{loss_sum / n:.3f}", caps_s=f"{seen * world / (time.time() - t0):.0f}")
+            if stop_after_steps is not None and step >= stop_after_steps:
+                os._exit(3)  # simulate kill -9: no cleanup, nothing flushed
+        train_secs = time.time() - t0
+
+        stop = False
+        if main:
+            scores, _ = dev_scores(model, data, store, device=device, max_len=config.max_len)
+            row = {"epoch": epoch + 1, "step": step, "train_loss": round(loss_sum / max(n, 1), 4),
+                   "lr": optimizer.param_groups[0]["lr"], "train_secs": round(train_secs, 1),
+                   "captions_per_sec": round(seen * world / train_secs, 1),
+                   **{k: round(v, 4) for k, v in scores.items() if v is not None}}
+            history.append(row)
+            score = scores[config.select_metric]
+            meta = {**meta_base, "epoch": epoch + 1, "dev_scores_greedy": scores}
+            save_checkpoint(rundir / "last.safetensors", model, data.vocab, config, meta)
+            if score > best:
+                best, bad_epochs = score, 0
+                save_checkpoint(rundir / "best.safetensors", model, data.vocab, config, meta)
+            else:
+                bad_epochs += 1
+            save_state(rundir / "state.safetensors", model, optimizer, epoch, step, best, bad_epochs, history)
+            write_logs(rundir, history)
+            print(f"epoch {epoch + 1}: loss {row['train_loss']:.3f}, {row['captions_per_sec']:.0f} captions/s, "
+                  f"{train_secs:.0f} s; dev greedy BLEU-4 {scores['bleu4']:.4f} CIDEr-D {scores['cider']:.4f}"
+                  f"{'  (best)' if bad_epochs == 0 else ''}", flush=True)
+            stop = bad_epochs >= config.patience
+        if distributed:
+            flag = [stop]
+            dist.broadcast_object_list(flag, src=0)
+            stop = flag[0]
+        if stop:
+            if main:
+                print(f"early stop: no dev {config.select_metric} improvement for {config.patience} epochs")
+            break
+
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return {"best": best, "history": history, "rundir": str(rundir)}

@@ -1,0 +1,122 @@
+"""Greedy and beam search: exactness, the known-best-sequence case, batching, the no-<end> case."""
+import math
+
+import pytest
+import torch
+
+from captioner.config import Config
+from captioner.data.vocab import Vocabulary
+from captioner.decode import decode, greedy
+from captioner.model import ShowAttendTell
+
+VOCAB = Vocabulary(list(Vocabulary.SPECIALS) + ["a", "b", "c"])
+A, B_, C = 4, 5, 6
+
+
+class TableModel(torch.nn.Module):
+    """A 'model' whose next-word probabilities depend only on the previous word: the best caption is known."""
+
+    def __init__(self, table: dict[int, dict[int, float]]):
+        super().__init__()
+        self.vocab_size = len(VOCAB)
+        self.table = table
+
+    def init_state(self, features):
+        n = features.size(0)
+        return (features, torch.zeros(n, 1), torch.zeros(n, 1), torch.zeros(n, 1))
+
+    def step(self, tokens, state):
+        logits = torch.full((tokens.size(0), self.vocab_size), -1e9)
+        for row, tok in enumerate(tokens.tolist()):
+            for word, p in self.table.get(tok, {}).items():
+                logits[row, word] = math.log(p)
+        alpha = torch.full((tokens.size(0), state[0].size(1)), 1.0 / state[0].size(1))
+        return logits, alpha, state
+
+
+# From <start>: a 0.5, b 0.4, c 0.1. After a: nothing likely (end 0.3). After b: end 0.9.
+# Greedy takes "a" then ends: 0.5 * 0.3 = 0.15. The best caption is "b": 0.4 * 0.9 = 0.36.
+TRAP = {1: {A: 0.5, B_: 0.4, C: 0.1}, A: {2: 0.3, A: 0.25, B_: 0.25, C: 0.2}, B_: {2: 0.9, C: 0.1},
+        C: {2: 0.5, C: 0.5}}
+
+
+def feats(n=1, r=4, c=3):
+    return torch.zeros(n, r, c)
+
+
+def test_beam_finds_the_best_sequence_where_greedy_does_not():
+    model = TableModel(TRAP)
+    assert greedy(model, VOCAB, feats(), block_trigrams=False)[0].tokens == ["a"]
+    best = decode(model, VOCAB, feats(), beam_size=3, block_trigrams=False)[0][0]
+    assert best.tokens == ["b"]
+    assert best.score == pytest.approx(math.log(0.36), abs=1e-5)
+
+
+def test_n_best_is_sorted_and_scored():
+    hyps = decode(TableModel(TRAP), VOCAB, feats(), beam_size=3, n_best=3, block_trigrams=False)[0]
+    assert len(hyps) == 3
+    assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+    assert hyps[1].tokens == ["a"]  # 0.15 is second
+
+
+def test_no_end_within_max_len_still_returns_a_caption():
+    never_ends = {1: {A: 0.6, B_: 0.4}, A: {A: 0.6, B_: 0.4}, B_: {A: 0.6, B_: 0.4}}
+    model = TableModel(never_ends)
+    for k in (1, 3):
+        out = decode(model, VOCAB, feats(2), beam_size=k, max_len=5, block_trigrams=False)
+        assert all(len(h[0].tokens) == 5 for h in out)
+    assert len(greedy(model, VOCAB, feats(), max_len=5, block_trigrams=False)[0].tokens) == 5
+
+
+def test_trigram_blocking_stops_repetition():
+    loop = {1: {A: 0.9, B_: 0.1}, A: {B_: 0.9, C: 0.1}, B_: {A: 0.9, C: 0.1}, C: {2: 0.9, A: 0.1}}
+    plain = greedy(TableModel(loop), VOCAB, feats(), max_len=12, block_trigrams=False)[0].tokens
+    assert plain == ["a", "b"] * 6
+    blocked = greedy(TableModel(loop), VOCAB, feats(), max_len=12, block_trigrams=True)[0].tokens
+    trigrams = list(zip(blocked, blocked[1:], blocked[2:]))
+    assert len(trigrams) == len(set(trigrams))
+
+
+def random_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = Config(feature_dim=16, num_regions=9, embed_dim=16, project_dim=16, attention_dim=8, decoder_dim=16,
+                 dropout=0.0)
+    vocab = Vocabulary(list(Vocabulary.SPECIALS) + [f"w{i}" for i in range(30)])
+    model = ShowAttendTell(cfg, len(vocab)).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.out.weight, std=3.0)  # peaky, input-dependent word choices
+        model.out.bias[vocab.end_id] += 1.0  # so that some captions end before max_len
+    return model, vocab, torch.randn(7, 9, 16)
+
+
+def test_beam_one_equals_greedy_exactly():
+    model, vocab, x = random_model()
+    g = greedy(model, vocab, x, max_len=15)
+    b = decode(model, vocab, x, beam_size=1, max_len=15)
+    assert [c.tokens for c in g] == [h[0].tokens for h in b]
+    assert [c.score for c in g] == pytest.approx([h[0].score for h in b], abs=1e-4)
+    assert any(len(c.tokens) < 15 for c in g) and any(len(c.tokens) > 0 for c in g)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_batched_beam_equals_one_image_at_a_time(k):
+    model, vocab, x = random_model(0)
+    batched = decode(model, vocab, x, beam_size=k, n_best=k, max_len=12)
+    for i in range(x.size(0)):
+        alone = decode(model, vocab, x[i:i + 1], beam_size=k, n_best=k, max_len=12)[0]
+        assert [h.tokens for h in alone] == [h.tokens for h in batched[i]]
+        assert [h.score for h in alone] == pytest.approx([h.score for h in batched[i]], abs=1e-4)
+    assert sum(len(c.tokens) > 0 for h in batched for c in h) >= 3  # real captions, not all empty
+
+
+def test_attention_per_word_and_unk_suppression():
+    model, vocab, x = random_model(0)
+    with torch.no_grad():
+        model.out.bias[vocab.unk_id] += 5.0  # <unk> would win everywhere
+    out = decode(model, vocab, x, beam_size=3, max_len=10, return_attention=True)
+    for hyps in out:
+        cap = hyps[0]
+        assert "<unk>" not in cap.tokens
+        assert cap.attention.shape == (len(cap.tokens), 9)
+        assert cap.attention.sum(1) == pytest.approx([1.0] * len(cap.tokens), abs=1e-4)
+    assert any("<unk>" in h[0].tokens for h in decode(model, vocab, x, beam_size=3, max_len=10, suppress_unk=False))
