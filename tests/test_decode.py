@@ -21,6 +21,8 @@ class TableModel(torch.nn.Module):
         self.vocab_size = len(VOCAB)
         self.table = table
 
+    select_state = staticmethod(ShowAttendTell.select_state)
+
     def init_state(self, features):
         n = features.size(0)
         return (features, torch.zeros(n, 1), torch.zeros(n, 1), torch.zeros(n, 1))

@@ -25,10 +25,6 @@ class Caption:
         return " ".join(self.tokens)
 
 
-def _select(state, rows: torch.Tensor):
-    return tuple(s.index_select(0, rows) for s in state)
-
-
 def _banned_logprobs(logp: torch.Tensor, vocab: Vocabulary, suppress_unk: bool) -> torch.Tensor:
     logp[:, vocab.pad_id] = -float("inf")
     logp[:, vocab.start_id] = -float("inf")
@@ -75,7 +71,7 @@ def greedy(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, 
             break
         rows = torch.tensor(keep, device=features.device)
         alive = [alive[r] for r in keep]
-        state, tokens = _select(state, rows), words.index_select(0, rows)
+        state, tokens = model.select_state(state, rows, rows), words.index_select(0, rows)
     return [Caption(vocab.decode(s), sc) for s, sc in zip(seqs, scores)]
 
 
@@ -94,7 +90,7 @@ def decode(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, 
     B = features.size(0)
     n_best = min(n_best, K)
 
-    state = _select(model.init_state(features), torch.arange(B, device=dev).repeat_interleave(K))
+    state = model.select_state(model.init_state(features), torch.arange(B, device=dev).repeat_interleave(K))
     tokens = torch.full((B * K,), vocab.start_id, dtype=torch.long, device=dev)
     # Only the first beam of each image is live at the start, so the K beams do not start identical.
     beam_scores = torch.full((B, K), -float("inf"), device=dev)
@@ -136,7 +132,7 @@ def decode(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, 
         seqs = torch.cat([seqs.index_select(0, src_rows), tokens.unsqueeze(1)], 1)
         if return_attention:
             attn = torch.cat([attn.index_select(0, src_rows), alpha.index_select(0, src_rows).unsqueeze(1)], 1)
-        state = _select(state, src_rows)
+        state = model.select_state(state, src_rows)
 
         done = [len(finished[img]) >= K for img in images]
         if t == max_len - 1:  # out of length: the live beams compete as they are
@@ -155,7 +151,8 @@ def decode(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, 
             rows = (torch.tensor(blocks, device=dev).unsqueeze(1) * K + torch.arange(K, device=dev)).view(-1)
             images = [images[b] for b in blocks]
             beam_scores = beam_scores[blocks]
-            tokens, seqs, state = tokens[rows], seqs[rows], _select(state, rows)
+            state = model.select_state(state, rows, torch.tensor(blocks, device=dev))
+            tokens, seqs = tokens[rows], seqs[rows]
             if return_attention:
                 attn = attn[rows]
 

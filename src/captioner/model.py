@@ -14,12 +14,14 @@ import torch.nn.functional as F
 
 from captioner.config import Config
 
-# The decoder state threaded through `step`: projected features, their attention keys, h, c.
+# The decoder state threaded through `step`: projected features (B,R,D) and their attention keys
+# (B,R,A), one per image, then h and c (B*K,H), K hypotheses per image (beams; K=1 in training).
 State = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class Attention(nn.Module):
-    """Additive attention: score_r = w . tanh(K_r + W h). K is precomputed once per image."""
+    """Additive attention: score_r = w . tanh(K_r + W h). K is precomputed once per image and
+    shared by that image's K hypotheses, so beams never copy the image tensors."""
 
     def __init__(self, feature_dim: int, decoder_dim: int, attention_dim: int):
         super().__init__()
@@ -28,10 +30,12 @@ class Attention(nn.Module):
         self.score = nn.Linear(attention_dim, 1)
 
     def forward(self, values, keys, h):
-        e = self.score(torch.tanh(keys + self.query(h).unsqueeze(1))).squeeze(2)  # (N, R)
-        alpha = torch.softmax(e, dim=1)
-        context = torch.bmm(alpha.unsqueeze(1), values).squeeze(1)  # (N, D)
-        return context, alpha
+        B, N = keys.size(0), h.size(0)
+        q = self.query(h).view(B, N // B, -1)  # (B, K, A)
+        e = self.score(torch.tanh(keys.unsqueeze(1) + q.unsqueeze(2))).squeeze(3)  # (B, K, R)
+        alpha = torch.softmax(e, dim=2)
+        context = torch.bmm(alpha, values)  # (B, K, D)
+        return context.view(N, -1), alpha.view(N, -1)
 
 
 class ShowAttendTell(nn.Module):
@@ -70,6 +74,14 @@ class ShowAttendTell(nn.Module):
         mean = values.mean(dim=1)
         return values, keys, torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))
 
+    @staticmethod
+    def select_state(state: State, rows: torch.Tensor, images: torch.Tensor | None = None) -> State:
+        """Keep hypotheses `rows` of h and c, and images `images` of the per-image tensors."""
+        values, keys, h, c = state
+        if images is not None:
+            values, keys = values.index_select(0, images), keys.index_select(0, images)
+        return values, keys, h.index_select(0, rows), c.index_select(0, rows)
+
     def step(self, tokens: torch.Tensor, state: State):
         """One word: previous tokens (N,) -> logits (N,V), attention (N,R), next state."""
         values, keys, h, c = state
@@ -83,7 +95,7 @@ class ShowAttendTell(nn.Module):
         """Teacher forcing. features (B,R,C); captions (N,L) = <start> words <end> <pad>...;
         image_index (N,) says which image each caption describes. Returns logits (N,L-1,V) and
         attention (N,L-1,R) for predicting captions[:, 1:]."""
-        state = tuple(s.index_select(0, image_index) for s in self.init_state(features))
+        state = self.select_state(self.init_state(features), image_index, image_index)
         logits, alphas = [], []
         for t in range(captions.size(1) - 1):
             step_logits, alpha, state = self.step(captions[:, t], state)

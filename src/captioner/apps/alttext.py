@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 
 from tqdm import tqdm
 
+from captioner.apps.library import error_line
 from captioner.io import atomic_write_bytes
 
 # The attribute grammar of html.parser's tolerant start-tag parsing, so our spans agree with its attrs.
@@ -150,8 +151,7 @@ def fill_alt_text(html_path, out_path=None, captioner=None, *, beam_size: int = 
     for offset, raw, span, src, target in sorted(todo, key=lambda t: t[0], reverse=True):
         res = results[target]
         if isinstance(res, Exception):
-            msg = str(res).strip().splitlines()[0] if str(res).strip() else type(res).__name__
-            report.errors.append(f"{target}: cannot read image ({msg}): left alone")
+            report.errors.append(f"{error_line(target, res)}: left alone")
             continue
         alt = alt_from_caption(res.caption)
         # ASCII-only insertion keeps the page valid in whatever ASCII-compatible charset it declares

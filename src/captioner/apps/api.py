@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,18 @@ class CaptionResult:
         if attention and self.attention is not None:
             d["attention"] = np.round(self.attention, 4).tolist()
         return d
+
+
+@contextmanager
+def _torch_threads(n: int):
+    """Run the block on n intra-op threads, then restore. The decoder's matmuls are tiny: on a busy 2-core
+    machine, 2 OpenMP threads waiting on each other made beam search 10-20x slower than 1 (benchmarks/latency.py)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _name(src) -> str | None:
@@ -86,8 +99,9 @@ class Captioner:
                 out[i] = e
         if slots:
             feats = torch.from_numpy(self.encoder.encode(np.stack(pixels)))
-            beams = decode(self.model, self.vocab, feats, beam_size=beam_size or self.beam_size,
-                           max_len=self.max_len, n_best=max(1, n_best), return_attention=attention)
+            with _torch_threads(1), torch.inference_mode():
+                beams = decode(self.model, self.vocab, feats, beam_size=beam_size or self.beam_size,
+                               max_len=self.max_len, n_best=max(1, n_best), return_attention=attention)
             for i, hyps in zip(slots, beams):
                 best = hyps[0]
                 att = None

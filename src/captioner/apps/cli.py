@@ -61,6 +61,7 @@ def _add_features(sub):
     p.add_argument("--encoder", default="lite2", help="lite0, lite1 or lite2 (default lite2)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"])
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda to encode on a GPU (torch backend)")
     p.set_defaults(run=_run_features)
 
 
@@ -68,7 +69,7 @@ def _run_features(args) -> int:
     from captioner.features.store import build_features
     try:
         s = build_features(args.workdir, images_dir=args.images, encoder=args.encoder, backend=args.backend,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, device=args.device)
     except (ValueError, RuntimeError) as e:  # bad workdir, unknown encoder, failed ONNX export
         raise UserError(str(e)) from None
     print(f"{s['store']}: {s['rows']} images stored; encoded {s['encoded']} in {s['seconds']:.1f} s "
@@ -155,12 +156,130 @@ def _run_evaluate(args) -> int:
 # --- caption -----------------------------------------------------------------------------
 
 def _add_caption(sub):
-    p = sub.add_parser("caption", help="caption image files, folders or globs")
+    p = sub.add_parser("caption", help="caption image files, folders or globs",
+                       description="Caption photos. Output: 'path<TAB>caption' per image (with --n-best N > 1: "
+                       "'path<TAB>rank<TAB>score<TAB>caption' per hypothesis), or --json / --csv.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
+    p.add_argument("--model", metavar="CKPT", default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--beam", type=int, default=3, help="beam size, 1 = greedy (3)")
+    p.add_argument("--n-best", type=int, default=1, help="captions per image, best first (1); at most --beam")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print a JSON list of {path, caption, score[, alternatives]}")
+    fmt.add_argument("--csv", action="store_true", help="print CSV: path,caption,score (with --n-best: path,rank,...)")
+    p.add_argument("--attention", metavar="DIR", help="write one PNG per image with per-word attention maps")
+    p.add_argument("--batch-size", type=int, default=16, help="images encoded and decoded together (16)")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"], help="CNN runtime (auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_caption)
 
 
-def _run_caption(args) -> int:
-    raise UserError("caption: not implemented yet")
+def _expand_image_paths(specs: list[str]) -> tuple[list, list[str]]:
+    """Files, folders (recursive) and globs -> (image paths in order, one-line usage problems).
+    Globs are expanded here too, for shells (Windows cmd, quoted args) that leave them alone."""
+    import glob
+    from pathlib import Path
+
+    from captioner.apps.library import find_images
+    paths, problems = [], []
+    for spec in specs:
+        p = Path(spec).expanduser()
+        if p.is_dir():
+            found = find_images(p)
+        elif p.is_file():
+            found = [p]  # named explicitly: tried whatever its extension, so a bad one is reported
+        elif glob.has_magic(spec):
+            found = []
+            for m in map(Path, sorted(glob.glob(str(p), recursive=True))):
+                found += find_images(m) if m.is_dir() else [m] if m.is_file() else []
+        else:
+            problems.append(f"{spec}: no such file or folder")
+            continue
+        if not found:
+            problems.append(f"{spec}: " + ("no images found (jpg, png, gif, bmp, webp, tif)" if p.is_dir()
+                                           else "no file matches this pattern"))
+        paths += found
+    return list(dict.fromkeys(paths)), problems  # dedupe, keep order
+
+
+def _attention_png(result, path, folder, taken: set) -> None:
+    """Per-word attention overlays for one captioned image, written atomically as FOLDER/<stem>.png."""
+    import io
+    from pathlib import Path
+
+    from captioner.evaluation.report import plot_attention
+    from captioner.features.encoder import load_image
+    from captioner.io import atomic_write_bytes
+    stem, k = Path(path).stem, 1
+    while (name := f"{stem}.png" if k == 1 else f"{stem}-{k}.png") in taken:  # same name in two folders
+        k += 1
+    taken.add(name)
+    buf = io.BytesIO()
+    plot_attention(load_image(path), result.tokens, result.attention, buf)
+    atomic_write_bytes(Path(folder) / name, buf.getvalue())
+
+
+def _run_caption(args, captioner=None) -> int:
+    """`captioner` may be passed in preloaded (benchmarks/latency.py times this exact path)."""
+    import csv
+    import json
+
+    from tqdm import tqdm
+    if args.beam < 1 or args.batch_size < 1 or not 1 <= args.n_best <= args.beam:
+        raise UserError("--beam and --batch-size must be at least 1, and --n-best between 1 and --beam")
+    paths, problems = _expand_image_paths(args.paths)
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    if not paths:
+        raise UserError("no images to caption")
+    if captioner is None:
+        from captioner.apps.api import Captioner
+        try:
+            captioner = Captioner.load(args.model, backend=args.backend, beam_size=args.beam)
+        except (ValueError, RuntimeError, OSError) as e:  # missing/bad checkpoint, failed ONNX export
+            raise UserError(str(e).splitlines()[0]) from None
+
+    rows, failed, taken = [], 0, set()
+    writer = csv.writer(sys.stdout, lineterminator="\n") if args.csv else None
+    if writer:
+        writer.writerow(["path", "rank", "caption", "score"] if args.n_best > 1 else ["path", "caption", "score"])
+    bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=args.no_progress or len(paths) <= 20)
+    for i in range(0, len(paths), args.batch_size):
+        batch = paths[i:i + args.batch_size]
+        results = captioner.caption_batch(batch, beam_size=args.beam, n_best=args.n_best,
+                                          attention=bool(args.attention))
+        for path, r in zip(batch, results):
+            if isinstance(r, Exception):  # ImageError: its message is already "PATH: reason"
+                failed += 1
+                tqdm.write(f"error: {r}", file=sys.stderr)
+                continue
+            alts = r.alternatives[:args.n_best]
+            if args.json:
+                rows.append({"path": str(path), "caption": r.caption, "score": r.score}
+                            | ({"alternatives": alts} if args.n_best > 1 else {}))
+            elif writer:
+                if args.n_best > 1:
+                    writer.writerows([path, k, a["caption"], a["score"]] for k, a in enumerate(alts, 1))
+                else:
+                    writer.writerow([path, r.caption, r.score])
+            elif args.n_best > 1:
+                print("\n".join(f"{path}\t{k}\t{a['score']:.4f}\t{a['caption']}" for k, a in enumerate(alts, 1)))
+            else:
+                print(f"{path}\t{r.caption}")
+            if args.attention:
+                try:
+                    _attention_png(r, path, args.attention, taken)
+                except (OSError, ValueError) as e:
+                    failed += 1
+                    tqdm.write(f"error: {path}: attention map not written ({' '.join(str(e).split())})",
+                               file=sys.stderr)
+        sys.stdout.flush()  # text and CSV stream batch by batch, so long runs show results early
+        bar.update(len(batch))
+    bar.close()
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+    if failed and len(paths) > 1:
+        print(f"{len(paths) - failed} of {len(paths)} images captioned, {failed} failed", file=sys.stderr)
+    return 2 if problems else 1 if failed else 0
 
 
 # --- serve -------------------------------------------------------------------------------
@@ -256,7 +375,7 @@ def _run_search(args) -> int:
         print("no matches", file=sys.stderr)
     for i, h in enumerate(hits, 1):
         also = f"  (matched: {h['matched']})" if h["matched"] != h["caption"] else ""
-        print(f"{i:>3}. {h['score']:7.3f}  {h['path']}\n       {h['caption']}{also}")
+        print(f"{i:>3}. {h['score']:9.3g}  {h['path']}\n       {h['caption']}{also}")
     return 0
 
 

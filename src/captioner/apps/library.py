@@ -175,6 +175,14 @@ def _store(con, path: str, size: int, mtime_ns: int, sha: str | None, *, result=
 # -----------------------------------------------------------------------------
 # indexing
 
+def error_line(path, err: Exception) -> str:
+    """"PATH: reason" on one line, for an error whose message may already name the file (or "<bytes>")."""
+    msg = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    for prefix in (f"{path}: ", "<bytes>: "):
+        msg = msg.removeprefix(prefix)
+    return f"{path}: {msg}"
+
+
 def find_images(folder: Path) -> list[Path]:
     """Image files under folder, recursively, sorted; hidden files and folders (".thumbnails", temp files) skipped."""
     found = []
@@ -263,7 +271,7 @@ def index_folder(folder, db_path, captioner=None, *, beam_size: int = 3, n_best:
                                                   n_best=n_best)
                 for (p, size, mtime_ns, sha, _), res in zip(to_caption, results):
                     if isinstance(res, Exception):
-                        error = f"{p}: {str(res).strip().splitlines()[0] if str(res).strip() else type(res).__name__}"
+                        error = error_line(p, res)
                         _store(con, str(p), size, mtime_ns, sha, error=error, model=model_name)
                         summary["failed"] += 1
                         summary["errors"].append(error)
@@ -323,7 +331,7 @@ def search(db_path, query: str, limit: int = 10, *, mode: str = "or", weights: t
     results = []
     for path, score, caption, nbest, tag_json in rows:
         captions = [a["caption"] for a in json.loads(nbest)] if nbest else [caption]
-        results.append({"path": path, "score": round(float(score), 4), "caption": caption,
+        results.append({"path": path, "score": float(score), "caption": caption,
                         "matched": _matching_caption(query, captions), "tags": json.loads(tag_json or "[]")})
     return results
 

@@ -179,7 +179,7 @@ async def _upload(request: Request, max_bytes: int) -> tuple[bytes, str]:
 def _library_has(db: Path, path: str) -> bool:
     """Whether a library database lists `path`: any ordinary table with a `path` column counts,
     so this follows the library's schema without importing its internals."""
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    con = sqlite3.connect(db.absolute().as_uri() + "?mode=ro", uri=True)
     try:
         tables = [name for name, sql in con.execute("SELECT name, sql FROM sqlite_master WHERE type='table'")
                   if sql and not sql.upper().startswith("CREATE VIRTUAL")]
@@ -206,7 +206,7 @@ def create_app(captioner=None, *, model_path=None, max_upload_mb: float = 10, db
     db = _check_db(db)
     max_bytes = int(max_upload_mb * 1024 * 1024)
     model = _ModelHolder(captioner, model_path)
-    batcher = _Batcher(model, max_batch=1, wait_ms=batch_wait_ms)
+    batcher = _Batcher(model, max_batch=max_batch, wait_ms=batch_wait_ms)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -214,7 +214,8 @@ def create_app(captioner=None, *, model_path=None, max_upload_mb: float = 10, db
         yield
         await run_in_threadpool(batcher.close)
 
-    app = FastAPI(title="captioner", lifespan=lifespan, docs_url="/api/docs", redoc_url=None,
+    # no Swagger page: it loads its scripts from a CDN, and this app must work offline
+    app = FastAPI(title="captioner", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/api/openapi.json")
 
     @app.exception_handler(RequestValidationError)

@@ -200,6 +200,8 @@ def _ort_session(model, threads: int | None = None):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or os.cpu_count() or 1
     opts.inter_op_num_threads = 1
+    # Spinning threads keep the cores busy after each run and slow the torch decoder that follows.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
@@ -243,17 +245,19 @@ class Encoder:
         self._run = run  # numpy (B,3,S,S) -> numpy (B,R,C)
 
     @classmethod
-    def load(cls, name: str = "lite2", backend: str = "auto", cache_dir: str | Path | None = None) -> "Encoder":
+    def load(cls, name: str = "lite2", backend: str = "auto", cache_dir: str | Path | None = None,
+             device: str = "cpu") -> "Encoder":
+        """`device` applies to the torch backend ("cuda" encodes large datasets on a GPU)."""
         spec = get_spec(name)
         if backend == "auto":
-            backend = "onnx" if importlib.util.find_spec("onnxruntime") else "torch"
+            backend = "torch" if device != "cpu" else "onnx" if importlib.util.find_spec("onnxruntime") else "torch"
         if backend == "torch":
             import torch
-            model = _torch_grid_model(spec)
+            model = _torch_grid_model(spec).to(device)
 
             def run(x):
                 with torch.inference_mode():
-                    return model(torch.from_numpy(x)).numpy()
+                    return model(torch.from_numpy(x).to(device)).float().cpu().numpy()
             return cls(spec, "torch", run)
         if backend == "onnx":
             path = onnx_path(spec, cache_dir)

@@ -53,7 +53,7 @@ def _load_batch(items: list[tuple[str, Path]], spec: EncoderSpec):
 
 
 def build_features(workdir, images_dir=None, encoder: str = "lite2", backend: str = "auto",
-                   batch_size: int = 32, progress: bool = True) -> dict:
+                   batch_size: int = 32, progress: bool = True, device: str = "cpu") -> dict:
     """Encode every present image of a prepared WORKDIR into WORKDIR/features/<encoder>/.
 
     Resumable: rows already in the store are kept as they are; images that failed before are
@@ -101,7 +101,7 @@ def build_features(workdir, images_dir=None, encoder: str = "lite2", backend: st
         if todo or not complete_before:
             _write_index(folder, spec, ids, failed, complete=False)
         if todo:
-            enc = Encoder.load(spec.name, backend)
+            enc = Encoder.load(spec.name, backend, device=device)
             t_encode = time.time()  # images/s counts decoding + encoding, not loading the model
             batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
             crash_after = int(os.environ.get("CAPTIONER_TEST_CRASH_AFTER", "0"))  # tests: die hard mid-run

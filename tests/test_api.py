@@ -1,0 +1,175 @@
+"""The Python API: any image-like input gives the same caption; odd and broken images are handled."""
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from captioner.apps.api import Captioner, CaptionResult
+from captioner.features.encoder import ImageError
+
+
+@pytest.fixture(scope="module")
+def captioner(any_checkpoint):
+    return Captioner.load(any_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    """A small photo-like RGB image with structure in it (not symmetric, so rotations change it)."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:96, 0:128]
+    arr = np.stack([x * 2, y * 2, (x + y) % 256], -1).astype(np.uint8)
+    arr[10:40, 20:90] = rng.integers(0, 256, (30, 70, 3), dtype=np.uint8)
+    path = tmp_path_factory.mktemp("api") / "photo.png"
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def key(r: CaptionResult):
+    return r.caption, r.score
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_bomb(width=30000, height=30000) -> bytes:
+    """A tiny PNG whose header claims 900 megapixels: decoding it would take gigabytes."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_path_bytes_and_pil_image_agree(captioner, photo):
+    by_path = captioner.caption(photo)
+    assert by_path.caption == " ".join(by_path.tokens) and by_path.tokens
+    assert np.isfinite(by_path.score) and by_path.score < 0  # a sum of log-probabilities
+    assert by_path.source == str(photo)
+    assert key(captioner.caption(photo.read_bytes())) == key(by_path)
+    assert key(captioner.caption(Image.open(photo))) == key(by_path)
+    assert key(captioner.caption(str(photo))) == key(by_path)
+    d = by_path.to_dict()
+    assert d["caption"] == by_path.caption and "attention" not in d
+
+
+def test_n_best_alternatives_are_sorted_and_distinct(captioner, photo):
+    r = captioner.caption(photo, beam_size=4, n_best=4)
+    scores = [a["score"] for a in r.alternatives]
+    assert 1 < len(r.alternatives) <= 4
+    assert scores == sorted(scores, reverse=True)
+    assert r.alternatives[0] == {"caption": r.caption, "score": r.score}
+    assert len({a["caption"] for a in r.alternatives}) == len(r.alternatives)
+    assert len(captioner.caption(photo, beam_size=4).alternatives) == 1
+
+
+def test_attention_has_one_grid_per_word(captioner, photo):
+    r = captioner.caption(photo, attention=True)
+    gh, gw = captioner.info["grid"]
+    assert r.attention.shape == (len(r.tokens), gh, gw)
+    np.testing.assert_allclose(r.attention.sum(axis=(1, 2)), 1.0, atol=1e-4)  # a softmax over regions
+    assert captioner.caption(photo).attention is None
+    d = r.to_dict(attention=True)
+    assert np.asarray(d["attention"]).shape == r.attention.shape
+
+
+def test_batch_keeps_order_and_returns_errors_in_place(captioner, photo, tmp_path):
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    out = captioner.caption_batch([photo, empty, b"not an image", photo.read_bytes()])
+    assert isinstance(out[1], ImageError) and str(out[1]) == f"{empty}: empty file (0 bytes)"
+    assert isinstance(out[2], ImageError) and "not an image" in str(out[2])
+    assert key(out[0]) == key(out[3]) == key(captioner.caption(photo))
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty"),
+    (b"hello, this is text\n", "not an image"),
+    (png_bomb(), "pixels"),
+])
+def test_bad_bytes_raise_one_line_errors(captioner, data, reason):
+    with pytest.raises(ImageError, match=reason) as e:
+        captioner.caption(data)
+    assert "\n" not in str(e.value)
+
+
+def test_truncated_jpeg_is_refused(captioner, photo):
+    buf = io.BytesIO()
+    Image.open(photo).convert("RGB").save(buf, format="JPEG")
+    with pytest.raises(ImageError, match="truncated or corrupt"):
+        captioner.caption(buf.getvalue()[: len(buf.getvalue()) // 2])
+
+
+def test_transparent_png_is_shown_on_white(captioner):
+    clear_red = Image.new("RGBA", (64, 48), (255, 0, 0, 0))
+    white = Image.new("RGB", (64, 48), (255, 255, 255))
+    red = Image.new("RGB", (64, 48), (255, 0, 0))
+    assert key(captioner.caption(png_bytes(clear_red))) == key(captioner.caption(png_bytes(white)))
+    assert captioner.caption(png_bytes(red)).score != captioner.caption(png_bytes(white)).score
+
+
+def test_16_bit_png_matches_8_bit(captioner, photo):
+    grey8 = np.asarray(Image.open(photo).convert("L"))
+    grey16 = Image.fromarray(grey8.astype(np.uint16) * 257)  # full 16-bit range, same picture
+    assert grey16.mode.startswith("I")
+    data = png_bytes(grey16)
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")  # really stored as 16-bit
+    assert key(captioner.caption(data)) == key(captioner.caption(png_bytes(Image.fromarray(grey8))))
+
+
+def test_gif_uses_its_first_frame(captioner, photo):
+    first = Image.open(photo).convert("RGB").quantize(64)
+    second = Image.new("RGB", first.size, (0, 200, 0)).quantize(64)
+    buf = io.BytesIO()
+    first.save(buf, format="GIF", save_all=True, append_images=[second], duration=100)
+    gif = buf.getvalue()
+    assert Image.open(io.BytesIO(gif)).n_frames == 2
+    frame0 = Image.open(io.BytesIO(gif)).convert("RGB")  # what the GIF decodes to, losslessly re-encoded
+    assert key(captioner.caption(gif)) == key(captioner.caption(png_bytes(frame0)))
+
+
+def test_exif_rotation_is_applied(captioner, photo):
+    upright = Image.open(photo).convert("RGB")
+    sideways = upright.transpose(Image.Transpose.ROTATE_90)  # stored as a camera held on its side
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 clockwise to display
+    buf = io.BytesIO()
+    sideways.save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    decoded = Image.open(io.BytesIO(buf.getvalue()))
+    shown = decoded.convert("RGB").transpose(Image.Transpose.ROTATE_270)  # what a viewer shows
+    assert shown.size == upright.size
+    got = captioner.caption(buf.getvalue())
+    assert key(got) == key(captioner.caption(png_bytes(shown)))
+    assert got.score != captioner.caption(png_bytes(decoded.convert("RGB"))).score
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: Image.open(p).convert("CMYK"),
+    lambda p: Image.open(p).convert("L"),
+    lambda p: Image.open(p).convert("1"),
+    lambda p: Image.new("RGB", (1, 1), (120, 60, 30)),
+    lambda p: Image.new("RGB", (3000, 20), (10, 20, 30)),
+], ids=["cmyk", "grey", "bilevel", "1x1", "very-wide"])
+def test_unusual_but_valid_images_are_captioned(captioner, photo, make):
+    img = make(photo)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG" if img.mode == "CMYK" else "PNG")
+    r = captioner.caption(buf.getvalue())
+    assert r.tokens and np.isfinite(r.score)
+
+
+def test_info_describes_the_model(captioner, any_checkpoint):
+    info = captioner.info
+    assert info["path"] == str(any_checkpoint)
+    assert info["encoder"] == "lite2" and info["grid"] == [9, 9]
+    assert info["vocab_size"] == len(captioner.vocab) and info["backend"] in ("onnx", "torch")
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no such checkpoint file"):
+        Captioner.load(tmp_path / "nope.safetensors")
