@@ -5,10 +5,8 @@
 Prints ms/image for each mode and writes benchmarks/results/decode_speed.json.
 """
 import argparse
-import json
 import os
 import time
-from pathlib import Path
 
 import torch
 

@@ -55,23 +55,3 @@ def model_path() -> Path:
             pytest.fail(f"{path}: model missing (required when CI is set)")
         pytest.skip(f"{path}: model missing")
     return path
-
-
-@pytest.fixture(scope="session")
-def any_checkpoint(tmp_path_factory) -> Path:
-    """The shipped model when present, else a small random-weight lite2 checkpoint: enough for tests of
-    image handling and output plumbing (not of caption quality), so they run before a model is trained."""
-    from captioner.checkpoint import default_model_path, save_checkpoint
-    if default_model_path().is_file():
-        return default_model_path()
-    import torch
-
-    from captioner.config import Config
-    from captioner.data.vocab import Vocabulary
-    from captioner.model import ShowAttendTell
-    torch.manual_seed(0)
-    config = Config(embed_dim=32, project_dim=32, attention_dim=16, decoder_dim=32)
-    vocab = Vocabulary([*Vocabulary.SPECIALS, *"a dog cat man runs on the grass in water red ball".split()])
-    path = tmp_path_factory.mktemp("ckpt") / "random.safetensors"
-    save_checkpoint(path, ShowAttendTell(config, len(vocab)).eval(), vocab, config, {"name": "random-test"})
-    return path

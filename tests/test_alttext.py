@@ -130,15 +130,7 @@ def test_missing_page_is_one_line_error(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cli_with_real_model(site, tmp_path, capsysbinary):
-    try:
-        from captioner.checkpoint import default_model_path
-    except ImportError as e:
-        pytest.skip(f"captioner API not available yet ({e})")
-    if not default_model_path().is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"{default_model_path()}: shipped model missing")
-        pytest.skip(f"{default_model_path()}: shipped model missing")
+def test_cli_with_real_model(site, tmp_path, capsysbinary, model_path):
     assert cli.main(["alt-text", str(site)]) == 0
     captured = capsysbinary.readouterr()
     out = captured.out

@@ -1,10 +1,9 @@
 """The Python API: any image-like input gives the same caption; odd and broken images are handled."""
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
+from helpers import png_bomb
 from PIL import Image
 
 from captioner.apps.api import Captioner, CaptionResult
@@ -12,8 +11,8 @@ from captioner.features.encoder import ImageError
 
 
 @pytest.fixture(scope="module")
-def captioner(any_checkpoint):
-    return Captioner.load(any_checkpoint)
+def captioner(model_path):
+    return Captioner.load(model_path)
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +37,6 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def png_bomb(width=30000, height=30000) -> bytes:
-    """A tiny PNG whose header claims 900 megapixels: decoding it would take gigabytes."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def test_path_bytes_and_pil_image_agree(captioner, photo):
@@ -163,9 +156,9 @@ def test_unusual_but_valid_images_are_captioned(captioner, photo, make):
     assert r.tokens and np.isfinite(r.score)
 
 
-def test_info_describes_the_model(captioner, any_checkpoint):
+def test_info_describes_the_model(captioner, model_path):
     info = captioner.info
-    assert info["path"] == str(any_checkpoint)
+    assert info["path"] == str(model_path)
     assert info["encoder"] == "lite2" and info["grid"] == [9, 9]
     assert info["vocab_size"] == len(captioner.vocab) and info["backend"] in ("onnx", "torch")
 

@@ -3,12 +3,11 @@ import csv
 import io
 import json
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import png_bomb
 from PIL import Image
 
 from captioner.apps import cli
@@ -18,8 +17,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.fixture(scope="module")
-def captioner(any_checkpoint):
-    return Captioner.load(any_checkpoint)
+def captioner(model_path):
+    return Captioner.load(model_path)
 
 
 @pytest.fixture
@@ -121,11 +120,6 @@ def test_bad_files_are_reported_and_the_rest_captioned(run, tmp_path):
     assert "1 of 4 images captioned, 3 failed" in err
 
 
-def png_bomb(width=30000, height=30000) -> bytes:
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def test_decompression_bomb_is_refused(run, tmp_path):
@@ -210,12 +204,12 @@ def test_missing_model_is_one_line(tmp_path, capsys):
     assert rc == 2 and err == f"error: {tmp_path / 'missing.safetensors'}: no such checkpoint file\n"
 
 
-def test_shipped_examples_caption_end_to_end(any_checkpoint, tmp_path, capsys):
+def test_shipped_examples_caption_end_to_end(model_path, tmp_path, capsys):
     """The real command, model loading included, on the example photos shipped in examples/."""
     photos = sorted(p for p in EXAMPLES.iterdir() if p.suffix == ".jpg")
     assert 4 <= len(photos) <= 6 and all(p.stat().st_size < 150_000 for p in photos)
     copy = shutil.copytree(EXAMPLES, tmp_path / "examples")
-    rc = cli.main(["caption", str(copy), "--model", str(any_checkpoint), "--json"])
+    rc = cli.main(["caption", str(copy), "--model", str(model_path), "--json"])
     assert rc == 0
     rows = json.loads(capsys.readouterr().out)
     assert [Path(r["path"]).name for r in rows] == [p.name for p in photos]

@@ -220,17 +220,9 @@ PHOTOS = ["101654506_8eb26cfb60",   # dog running through snow
 
 
 @pytest.fixture(scope="module")
-def real_captioner():
-    try:
-        from captioner.apps.api import Captioner
-        from captioner.checkpoint import default_model_path
-    except ImportError as e:
-        pytest.skip(f"captioner API not available yet ({e})")
-    if not default_model_path().is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"{default_model_path()}: shipped model missing")
-        pytest.skip(f"{default_model_path()}: shipped model missing")
-    return Captioner.load()
+def real_captioner(model_path):
+    from captioner.apps.api import Captioner
+    return Captioner.load(model_path)
 
 
 @pytest.mark.slow

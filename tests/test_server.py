@@ -1,14 +1,13 @@
 """The HTTP API, in-process with FastAPI's TestClient, against the real shipped model."""
 import io
 import os
-import struct
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import png_bomb
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -41,15 +40,6 @@ def png_bytes(path: Path) -> bytes:
     buf = io.BytesIO()
     Image.open(path).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def png_bomb(width=20000, height=20000) -> bytes:
-    """A tiny PNG whose header claims 400 megapixels: decoding it would take gigabytes."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
-    idat = zlib.compress(b"\0" * (1 + width // 8) * 64)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 # ---- good uploads --------------------------------------------------------------------------------

@@ -36,10 +36,10 @@ def one_caption_each(workdir, tmp_path):
 
 def test_tiny_model_overfits_real_captions(tiny_workdir, tmp_path):
     tiny_workdir = one_caption_each(tiny_workdir, tmp_path)
-    config = Config(**TINY, epochs=25, alpha_c=0.0)
+    config = Config(**TINY, epochs=40, alpha_c=0.0)
     result = train(tiny_workdir, tmp_path / "run", config, progress=False)
     losses = [h["train_loss"] for h in result["history"]]
-    assert losses[-1] < 0.3 * losses[0]
+    assert losses[-1] < 0.1 * losses[0]
 
     ckpt = load_checkpoint(tmp_path / "run" / "last.safetensors")
     data = load_prepared(tiny_workdir)
@@ -82,7 +82,7 @@ def test_ddp_two_processes_gloo(tiny_workdir, tmp_path):
     script = tmp_path / "run_ddp.py"
     script.write_text(code)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=0", str(script), str(tiny_workdir),
+    subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(tiny_workdir),
                     str(tmp_path / "ddp")], check=True, env=env, timeout=600)
     single = train(tiny_workdir, tmp_path / "single", Config(**TINY, epochs=6), progress=False)
     ddp_hist = [float(x.split(",")[2]) for x in (tmp_path / "ddp" / "log.csv").read_text().splitlines()[1:]]

@@ -30,7 +30,7 @@ from captioner.config import Config
 from captioner.data.datasets import PreparedData, load_prepared
 from captioner.decode import greedy
 from captioner.features.store import CaptionDataset, FeatureStore, collate_images
-from captioner.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from captioner.io import atomic_write_bytes, atomic_write_text
 from captioner.model import ShowAttendTell, caption_loss
 
 
