@@ -76,6 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-best", type=int, default=3)
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "retrieval")
     args = ap.parse_args(argv)
+    args.out = args.out.resolve()  # the library stores absolute paths
 
     from captioner.apps.api import Captioner
     captioner = Captioner.load(args.model, beam_size=args.beam)
