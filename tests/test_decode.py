@@ -122,3 +122,11 @@ def test_attention_per_word_and_unk_suppression():
         assert cap.attention.shape == (len(cap.tokens), 9)
         assert cap.attention.sum(1) == pytest.approx([1.0] * len(cap.tokens), abs=1e-4)
     assert any("<unk>" in h[0].tokens for h in decode(model, vocab, x, beam_size=3, max_len=10, suppress_unk=False))
+
+
+def test_captions_are_never_empty():
+    ends_at_once = {1: {2: 0.9, A: 0.1}, A: {2: 1.0}}
+    model = TableModel(ends_at_once)
+    assert greedy(model, VOCAB, feats(), block_trigrams=False)[0].tokens == ["a"]
+    assert decode(model, VOCAB, feats(), beam_size=3, block_trigrams=False)[0][0].tokens == ["a"]
+    assert greedy(model, VOCAB, feats(), min_len=0, block_trigrams=False)[0].tokens == []

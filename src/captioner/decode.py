@@ -25,8 +25,10 @@ class Caption:
         return " ".join(self.tokens)
 
 
-def _banned_logprobs(logp: torch.Tensor, vocab: Vocabulary, suppress_unk: bool) -> torch.Tensor:
+def _banned_logprobs(logp: torch.Tensor, vocab: Vocabulary, suppress_unk: bool, may_end: bool) -> torch.Tensor:
     logp[:, vocab.pad_id] = -float("inf")
+    if not may_end:  # an empty caption describes nothing
+        logp[:, vocab.end_id] = -float("inf")
     logp[:, vocab.start_id] = -float("inf")
     if suppress_unk:
         logp[:, vocab.unk_id] = -float("inf")
@@ -46,7 +48,7 @@ def _block_repeated_trigrams(logp: torch.Tensor, seqs: list[list[int]]) -> None:
 
 @torch.no_grad()
 def greedy(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, max_len: int = 30,
-           suppress_unk: bool = True, block_trigrams: bool = True) -> list[Caption]:
+           min_len: int = 1, suppress_unk: bool = True, block_trigrams: bool = True) -> list[Caption]:
     """The most likely word at every step. Plain and fast; used for dev scoring during training."""
     model.eval()
     B = features.size(0)
@@ -55,9 +57,9 @@ def greedy(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, 
     seqs: list[list[int]] = [[] for _ in range(B)]
     scores = [0.0] * B
     alive = list(range(B))  # image of each remaining row
-    for _ in range(max_len):
+    for t in range(max_len):
         logits, _, state = model.step(tokens, state)
-        logp = _banned_logprobs(torch.log_softmax(logits.float(), dim=1), vocab, suppress_unk)
+        logp = _banned_logprobs(torch.log_softmax(logits.float(), dim=1), vocab, suppress_unk, t >= min_len)
         if block_trigrams:
             _block_repeated_trigrams(logp, [seqs[i] for i in alive])
         best, words = logp.max(dim=1)
@@ -77,13 +79,15 @@ def greedy(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, 
 
 @torch.no_grad()
 def decode(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, beam_size: int = 1,
-           max_len: int = 30, n_best: int = 1, length_norm: float = 0.0, suppress_unk: bool = True,
-           block_trigrams: bool = True, return_attention: bool = False) -> list[list[Caption]]:
+           max_len: int = 30, min_len: int = 1, n_best: int = 1, length_norm: float = 0.0,
+           suppress_unk: bool = True, block_trigrams: bool = True,
+           return_attention: bool = False) -> list[list[Caption]]:
     """Beam search over a batch of images; returns, per image, the n best captions best first.
 
     A hypothesis ends when it emits <end>; an image is done once it has `beam_size` ended ones.
     If none ended within max_len, its best unfinished hypotheses are returned, so every image gets a
-    caption. `length_norm` a ranks by score / (words + 1) ** a (0 = raw log-probability).
+    caption of at least `min_len` words. `length_norm` a ranks by score / (words + 1) ** a (0 = raw
+    log-probability).
     """
     model.eval()
     K, V, dev = beam_size, model.vocab_size, features.device
@@ -106,7 +110,7 @@ def decode(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, 
 
     for t in range(max_len):
         logits, alpha, state = model.step(tokens, state)
-        logp = _banned_logprobs(torch.log_softmax(logits.float(), dim=1), vocab, suppress_unk)
+        logp = _banned_logprobs(torch.log_softmax(logits.float(), dim=1), vocab, suppress_unk, t >= min_len)
         if block_trigrams and t >= 2:
             _block_repeated_trigrams(logp, seqs.tolist())
         total = (beam_scores.view(-1, 1) + logp).view(len(images), K * V)
