@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.config import Config
 from captioner.data.datasets import load_prepared
-from captioner.decode import greedy
+from captioner.decode import greedy, sample
 from captioner.features.store import FeatureStore
 from captioner.train import train
 
@@ -54,25 +54,93 @@ def test_tiny_model_overfits_real_captions(tiny_workdir, tmp_path):
         assert (run / name).is_file(), name
 
 
-def _train_cmd(work, out, extra=()):
+def _train_cmd(work, out, extra=(), init=None, **changes):
     code = ("import sys; from captioner.config import Config; from captioner.train import train; "
-            f"train(sys.argv[1], sys.argv[2], Config(**{TINY!r}, epochs=3, seed=7), resume=True, "
+            f"train(sys.argv[1], sys.argv[2], Config(**{TINY!r}, epochs=3, seed=7).replace(**{changes!r}), "
+            f"init={str(init) if init else None!r}, resume=True, "
             "progress=False, stop_after_steps=int(sys.argv[3]) if len(sys.argv) > 3 else None)")
     return [sys.executable, "-c", code, str(work), str(out), *extra]
 
 
-def test_killed_and_resumed_run_ends_with_the_same_weights(tiny_workdir, tmp_path):
+def assert_killed_and_resumed_equals_straight(tmp_path, cmd):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(_train_cmd(tiny_workdir, tmp_path / "straight"), check=True, env=env)
-    # 3 images per epoch at batch 4 -> 3 steps an epoch: die in the middle of epoch 2, like kill -9
-    died = subprocess.run(_train_cmd(tiny_workdir, tmp_path / "resumed", ["5"]), env=env)
+    subprocess.run(cmd(tmp_path / "straight"), check=True, env=env)
+    # 12 images per epoch at batch 2 -> 6 steps an epoch: die in the middle of epoch 2, like kill -9
+    died = subprocess.run(cmd(tmp_path / "resumed", ["8"]), env=env)
     assert died.returncode == 3
-    subprocess.run(_train_cmd(tiny_workdir, tmp_path / "resumed"), check=True, env=env)
+    subprocess.run(cmd(tmp_path / "resumed"), check=True, env=env)
     a = load_file(tmp_path / "straight" / "last.safetensors")
     b = load_file(tmp_path / "resumed" / "last.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(tiny_workdir, tmp_path):
+    assert_killed_and_resumed_equals_straight(tmp_path, lambda out, extra=(): _train_cmd(tiny_workdir, out, extra))
+
+
+# --- self-critical sequence training ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def xent_model(tiny_workdir, tmp_path_factory):
+    """A tiny cross-entropy model for SCST to start from."""
+    out = tmp_path_factory.mktemp("xent")
+    train(tiny_workdir, out, Config(**TINY, epochs=12, alpha_c=0.0), progress=False)
+    return out / "best.safetensors"
+
+
+def test_sample_draws_allowed_words_with_gradients(tiny_workdir):
+    data = load_prepared(tiny_workdir)
+    store = FeatureStore.open(tiny_workdir, "lite2")
+    from captioner.model import ShowAttendTell
+    torch.manual_seed(0)
+    model = ShowAttendTell(Config(**TINY), len(data.vocab))
+    ids = [r.image_id for r in data.split("train")][:2]
+    words, logp, mask = sample(model, data.vocab, torch.from_numpy(store.get(ids)), 3, max_len=6)
+    assert words.shape == logp.shape == mask.shape and words.shape[0] == 6 and words.shape[1] <= 7
+    v = data.vocab
+    for row, m, lp in zip(words.tolist(), mask.tolist(), logp):
+        n = int(sum(m))
+        assert m == [1.0] * n + [0.0] * (len(m) - n)  # counted steps are a prefix
+        assert row[n - 1] == v.end_id and v.end_id not in row[:n - 1] and row[0] != v.end_id
+        assert not {v.pad_id, v.start_id, v.unk_id} & set(row[:n])
+        assert torch.all(lp[:n] <= 0) and torch.all(torch.isfinite(lp)) and torch.all(lp[n:] == 0)
+    (logp * mask).sum().backward()
+    assert model.out.weight.grad.abs().sum() > 0 and model.project[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("baseline", ["mean", "greedy"])
+def test_scst_raises_the_cider_reward(tiny_workdir, xent_model, tmp_path, baseline):
+    config = load_checkpoint(xent_model).config.replace(objective="scst", scst_baseline=baseline, epochs=15,
+                                                        lr=3e-3, warmup_steps=0)
+    history = train(tiny_workdir, tmp_path / "scst", config, init=xent_model, progress=False)["history"]
+    rewards = [h["train_reward"] for h in history]
+    assert sum(rewards[-3:]) / 3 > 1.5 * rewards[0]
+    if baseline == "greedy":  # its own baseline, not the samples' mean
+        assert any(h["train_baseline"] != h["train_reward"] for h in history)
+    ckpt = load_checkpoint(tmp_path / "scst" / "best.safetensors")
+    assert ckpt.config.objective == "scst" and ckpt.meta["init"] == str(xent_model)
+
+
+def test_killed_and_resumed_scst_run_ends_with_the_same_weights(tiny_workdir, xent_model, tmp_path):
+    assert_killed_and_resumed_equals_straight(tmp_path, lambda out, extra=(): _train_cmd(
+        tiny_workdir, out, extra, init=xent_model, objective="scst", lr=1e-3))
+
+
+def test_scst_refusals(tiny_workdir, xent_model, tmp_path):
+    with pytest.raises(ValueError, match="--init"):
+        train(tiny_workdir, tmp_path / "a", Config(**TINY, objective="scst"), progress=False)
+    with pytest.raises(ValueError, match="scst_samples >= 2"):
+        train(tiny_workdir, tmp_path / "b", Config(**TINY, objective="scst", scst_samples=1), init=xent_model,
+              progress=False)
+    other = tmp_path / "other.safetensors"
+    ckpt = load_checkpoint(xent_model)
+    itos = list(ckpt.vocab.itos)
+    itos[4], itos[5] = itos[5], itos[4]
+    save_checkpoint(other, ckpt.model, type(ckpt.vocab)(itos), ckpt.config, {})
+    with pytest.raises(ValueError, match="other.safetensors: its vocabulary differs"):
+        train(tiny_workdir, tmp_path / "c", Config(**TINY, objective="scst"), init=other, progress=False)
 
 
 def test_ddp_two_processes_gloo(tiny_workdir, tmp_path):

@@ -38,6 +38,10 @@ class Config:
     label_smoothing: float = 0.0
     patience: int = 3           # epochs without dev improvement before stopping
     select_metric: str = "cider"  # "cider" or "bleu4", from real greedy decoding on dev
+    # "xent": teacher forcing with cross-entropy; "scst": self-critical REINFORCE on CIDEr-D (start from --init)
+    objective: str = "xent"
+    scst_samples: int = 5       # captions sampled per image
+    scst_baseline: str = "mean"  # "mean" of the image's other samples, or its "greedy" caption
     seed: int = 0
     num_workers: int = 0
 
@@ -57,9 +61,11 @@ class Config:
         return cls.from_dict(json.loads(s))
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "Config":
+    def from_toml(cls, path: str | Path, base: "Config | None" = None) -> "Config":
+        """The file's fields; those it leaves out come from `base` (e.g. the config of an --init checkpoint)."""
         with open(path, "rb") as f:
-            return cls.from_dict(tomllib.load(f))
+            d = tomllib.load(f)
+        return cls.from_dict({**(dataclasses.asdict(base) if base else {}), **d})
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})

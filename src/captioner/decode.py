@@ -166,3 +166,40 @@ def decode(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, 
         results.append([Caption(vocab.decode(seq), score, None if att is None else att[:len(seq)])
                         for score, seq, att in hyps])
     return results
+
+
+def sample(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, n: int, *, max_len: int = 30):
+    """Draw n captions per image from the model's own distribution, keeping the graph: the policy
+    samples of self-critical training. Runs in whatever mode the model is in (train: with dropout).
+
+    Returns words (B*n, T) (rows of image b are b*n .. b*n+n-1), the log-probability of each drawn word
+    (B*n, T), differentiable, and a mask (B*n, T) of the steps that count (words and the <end>).
+    The same words are banned as in decoding (<pad>, <start>, <unk>; <end> as the first word)."""
+    B, dev = features.size(0), features.device
+    state = model.select_state(model.init_state(features), torch.arange(B, device=dev).repeat_interleave(n))
+    tokens = torch.full((B * n,), vocab.start_id, dtype=torch.long, device=dev)
+    banned = torch.zeros(model.vocab_size, dtype=torch.bool, device=dev)
+    banned[[vocab.pad_id, vocab.start_id, vocab.unk_id]] = True
+    first = banned.clone()
+    first[vocab.end_id] = True
+    alive = torch.ones(B * n, dtype=torch.bool, device=dev)
+    words, logps, masks = [], [], []
+    for t in range(max_len + 1):  # max_len words, then <end> is forced
+        logits, _, state = model.step(tokens, state)
+        if t == max_len:
+            ban = torch.ones_like(banned)
+            ban[vocab.end_id] = False
+        else:
+            ban = first if t == 0 else banned
+        logp = torch.log_softmax(logits.float().masked_fill(ban, -float("inf")), dim=1)
+        word = torch.multinomial(logp.detach().exp(), 1).squeeze(1)
+        word = torch.where(alive, word, torch.full_like(word, vocab.pad_id))
+        words.append(word)
+        drawn = logp.gather(1, word.unsqueeze(1)).squeeze(1)
+        logps.append(torch.where(alive, drawn, torch.zeros_like(drawn)))  # finished rows drew a banned <pad>
+        masks.append(alive)
+        alive = alive & (word != vocab.end_id)
+        if not alive.any():
+            break
+        tokens = word
+    return torch.stack(words, 1), torch.stack(logps, 1), torch.stack(masks, 1).float()

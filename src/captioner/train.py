@@ -1,4 +1,6 @@
-"""The whole training loop: teacher forcing with cross-entropy, dev selection by real decoding.
+"""The whole training loop: teacher forcing with cross-entropy, or self-critical sequence training
+(REINFORCE on the CIDEr-D of sampled captions, Rennie et al. 2017) from a trained checkpoint;
+dev selection by real decoding either way.
 
 Runs as it is on one CPU or GPU, and under `torchrun --nproc_per_node=N` with DistributedDataParallel
 (gloo on CPU, nccl on GPU): each rank takes its share of the batches, rank 0 alone scores dev and
@@ -25,10 +27,12 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 from tqdm import tqdm
 
-from captioner.checkpoint import save_checkpoint
+from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.config import Config
 from captioner.data.datasets import PreparedData, load_prepared
-from captioner.decode import greedy
+from captioner.decode import greedy, sample
+from captioner.evaluation.cider import CiderD
+from captioner.evaluation.metrics import ptb_tokenize
 from captioner.features.store import CaptionDataset, FeatureStore, collate_images
 from captioner.io import atomic_write_bytes, atomic_write_text
 from captioner.model import ShowAttendTell, caption_loss
@@ -77,6 +81,26 @@ def dev_scores(model, data: PreparedData, store: FeatureStore, split: str = "dev
     scores = score_captions(candidates, references, meteor=False, tokenizer="python")
     model.train()
     return scores.corpus, candidates
+
+
+# --- self-critical sequence training -----------------------------------------------------------
+
+def scst_loss(model, vocab, feats, image_ids: list[str], cider: CiderD, config: Config):
+    """REINFORCE with a baseline: sampled captions that beat the baseline's CIDEr-D become more likely.
+    Returns (loss, mean reward, mean baseline)."""
+    n = config.scst_samples
+    words, logp, mask = sample(model, vocab, feats, n, max_len=config.max_len)
+    texts = [ptb_tokenize(" ".join(vocab.decode(row))) for row in words.tolist()]
+    reward = cider.scores(texts, [i for i in image_ids for _ in range(n)]).reshape(-1, n)
+    if config.scst_baseline == "greedy":  # Rennie et al.: the test-time caption is the bar to beat
+        caps = greedy(model, vocab, feats, max_len=config.max_len)
+        model.train()
+        baseline = cider.scores([ptb_tokenize(c.text) for c in caps], image_ids)[:, None].repeat(n, 1)
+    else:  # the mean of the image's other samples (Luo 2020): no extra decoding, lower variance
+        baseline = (reward.sum(1, keepdims=True) - reward) / (n - 1)
+    advantage = torch.as_tensor((reward - baseline).reshape(-1, 1), dtype=logp.dtype, device=logp.device)
+    loss = -(advantage * logp * mask).sum() / mask.sum()
+    return loss, float(reward.mean()), float(baseline.mean())
 
 
 # --- state that lets an interrupted run continue bit for bit ----------------------------------------
@@ -130,8 +154,12 @@ def write_logs(rundir: Path, history: list[dict]) -> None:
     import matplotlib.pyplot as plt
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train cross-entropy")
-    ax1.set_xlabel("epoch"), ax1.set_ylabel("loss"), ax1.legend(), ax1.grid(alpha=0.3)
+    for key, label in (("train_loss", "train cross-entropy"), ("train_reward", "train CIDEr-D of samples"),
+                       ("train_baseline", "baseline")):
+        if key in history[-1]:
+            ax1.plot([h["epoch"] for h in history if key in h], [h[key] for h in history if key in h], "o-",
+                     label=label)
+    ax1.set_xlabel("epoch"), ax1.legend(), ax1.grid(alpha=0.3)
     for key in ("bleu4", "cider"):
         if key in history[0]:
             ax2.plot(epochs, [h[key] for h in history], "o-", label=f"dev {key} (greedy)")
@@ -145,9 +173,10 @@ def write_logs(rundir: Path, history: list[dict]) -> None:
 
 # --- the loop --------------------------------------------------------------------------------------
 
-def train(workdir, out, config: Config | None = None, *, resume: bool = False, device: str | None = None,
-          progress: bool = True, stop_after_steps: int | None = None) -> dict:
+def train(workdir, out, config: Config | None = None, *, init=None, resume: bool = False,
+          device: str | None = None, progress: bool = True, stop_after_steps: int | None = None) -> dict:
     """Train on WORKDIR's train split; select on dev. Returns the best dev scores.
+    `init` is a checkpoint to start from (required for config.objective == "scst").
     `stop_after_steps` ends the run abruptly after that many optimiser steps (for tests of resume)."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
@@ -168,15 +197,32 @@ def train(workdir, out, config: Config | None = None, *, resume: bool = False, d
     elif (rundir / "state.safetensors").exists():
         raise ValueError(f"{rundir}: already holds a training run; pass --resume or choose another --out")
     config = config or Config()
+    if config.objective not in ("xent", "scst") or config.scst_baseline not in ("mean", "greedy"):
+        raise ValueError(f"objective must be 'xent' or 'scst' and scst_baseline 'mean' or 'greedy', not "
+                         f"{config.objective!r} / {config.scst_baseline!r}")
+    scst = config.objective == "scst"
+    if scst and distributed:
+        raise ValueError("self-critical training runs in one process; start it without torchrun")
+    if scst and config.scst_baseline == "mean" and config.scst_samples < 2:
+        raise ValueError("scst_baseline 'mean' needs scst_samples >= 2")
+    if scst and not (init or resuming):
+        raise ValueError("self-critical training starts from a trained model: pass --init CHECKPOINT")
     random.seed(config.seed), np.random.seed(config.seed), torch.manual_seed(config.seed)
 
     data = load_prepared(workdir)
+    data_records = {r.image_id: r for r in data.records}
     store = FeatureStore.open(workdir, config.encoder)
     spec = store.spec
     if (spec.channels, spec.num_regions) != (config.feature_dim, config.num_regions):
         config = config.replace(feature_dim=spec.channels, num_regions=spec.num_regions)
     train_set = CaptionDataset(store, data, "train", config.max_len)
-    model = ShowAttendTell(config, len(data.vocab)).to(device)
+    model = ShowAttendTell(config, len(data.vocab))
+    if init and not resuming:
+        start = load_checkpoint(init)
+        if start.vocab != data.vocab:
+            raise ValueError(f"{init}: its vocabulary differs from {workdir}'s; prepare the data the same way")
+        model.load_state_dict(start.model.state_dict())
+    model = model.to(device)
     if main:
         rundir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(rundir / "config.json", json.dumps(json.loads(config.to_json()), indent=2) + "\n")
@@ -195,7 +241,9 @@ def train(workdir, out, config: Config | None = None, *, resume: bool = False, d
     steps_per_epoch = len(epoch_batches(lengths, config.batch_size, config.seed, 0)) // world
     total_steps = steps_per_epoch * config.epochs
     meta_base = {"name": rundir.name, "encoder": config.encoder, "input_size": spec.input_size,
-                 "grid": list(spec.grid), "workdir": str(workdir)}
+                 "grid": list(spec.grid), "workdir": str(workdir), "init": str(init) if init else None}
+    if scst:  # document frequencies from the training references, once (as in the SCST papers)
+        cider = CiderD({i: [ptb_tokenize(c) for c in data_records[i].captions] for i in train_set.image_ids})
     use_bf16 = device.type == "cuda"
 
     for epoch in range(start_epoch, config.epochs):
@@ -204,25 +252,36 @@ def train(workdir, out, config: Config | None = None, *, resume: bool = False, d
         loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=collate_images,
                                              num_workers=config.num_workers)
         net.train()
-        t0, seen, loss_sum, n = time.time(), 0, 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (progress and main),
-                   unit="batch", dynamic_ncols=True)
-        for feats, caps, index in bar:
+        t0, seen, loss_sum, reward_sum, baseline_sum, n = time.time(), 0, 0.0, 0.0, 0.0, 0
+        bar = tqdm(zip(batches, loader), total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}",
+                   disable=not (progress and main), unit="batch", dynamic_ncols=True)
+        for batch, (feats, caps, index) in bar:
             feats, caps, index = feats.to(device), caps.to(device), index.to(device)
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, total_steps, config)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                logits, alphas = net(feats, caps, index)
-            loss, xent = caption_loss(logits.float(), alphas.float(), caps, config, data.vocab.pad_id)
+                if scst:
+                    ids = [train_set.image_ids[i] for i in batch]
+                    loss, reward, baseline = scst_loss(model, data.vocab, feats, ids, cider, config)
+                else:
+                    logits, alphas = net(feats, caps, index)
+            if not scst:
+                loss, xent = caption_loss(logits.float(), alphas.float(), caps, config, data.vocab.pad_id)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             step += 1
-            seen += caps.size(0)
-            loss_sum += xent.item()
             n += 1
-            bar.set_postfix(loss=f"{loss_sum / n:.3f}", caps_s=f"{seen * world / (time.time() - t0):.0f}")
+            if scst:
+                seen += feats.size(0) * config.scst_samples
+                reward_sum, baseline_sum = reward_sum + reward, baseline_sum + baseline
+                bar.set_postfix(reward=f"{reward_sum / n:.3f}", baseline=f"{baseline_sum / n:.3f}",
+                                caps_s=f"{seen / (time.time() - t0):.0f}")
+            else:
+                seen += caps.size(0)
+                loss_sum += xent.item()
+                bar.set_postfix(loss=f"{loss_sum / n:.3f}", caps_s=f"{seen * world / (time.time() - t0):.0f}")
             if stop_after_steps is not None and step >= stop_after_steps:
                 os._exit(3)  # simulate kill -9: no cleanup, nothing flushed
         train_secs = time.time() - t0
@@ -230,7 +289,9 @@ def train(workdir, out, config: Config | None = None, *, resume: bool = False, d
         stop = False
         if main:
             scores, _ = dev_scores(model, data, store, device=device, max_len=config.max_len)
-            row = {"epoch": epoch + 1, "step": step, "train_loss": round(loss_sum / max(n, 1), 4),
+            fit = ({"train_reward": round(reward_sum / max(n, 1), 4), "train_baseline": round(baseline_sum / max(n, 1), 4)}
+                   if scst else {"train_loss": round(loss_sum / max(n, 1), 4)})
+            row = {"epoch": epoch + 1, "step": step, **fit,
                    "lr": optimizer.param_groups[0]["lr"], "train_secs": round(train_secs, 1),
                    "captions_per_sec": round(seen * world / train_secs, 1),
                    **{k: round(v, 4) for k, v in scores.items() if v is not None}}
@@ -245,7 +306,9 @@ def train(workdir, out, config: Config | None = None, *, resume: bool = False, d
                 bad_epochs += 1
             save_state(rundir / "state.safetensors", model, optimizer, epoch, step, best, bad_epochs, history)
             write_logs(rundir, history)
-            print(f"epoch {epoch + 1}: loss {row['train_loss']:.3f}, {row['captions_per_sec']:.0f} captions/s, "
+            fit_text = (f"reward {row['train_reward']:.3f} (baseline {row['train_baseline']:.3f})" if scst
+                        else f"loss {row['train_loss']:.3f}")
+            print(f"epoch {epoch + 1}: {fit_text}, {row['captions_per_sec']:.0f} captions/s, "
                   f"{train_secs:.0f} s; dev greedy BLEU-4 {scores['bleu4']:.4f} CIDEr-D {scores['cider']:.4f}"
                   f"{'  (best)' if bad_epochs == 0 else ''}", flush=True)
             stop = bad_epochs >= config.patience

@@ -92,22 +92,30 @@ def _add_train(sub):
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int, dest="num_workers", help="DataLoader worker processes")
+    p.add_argument("--init", help="checkpoint to start from; its config is the base that --config overrides")
+    p.add_argument("--scst", action="store_true",
+                   help="self-critical training on CIDEr-D (needs --init; see configs/flickr8k-scst.toml)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.set_defaults(run=_run_train)
 
 
 def _run_train(args) -> int:
+    from captioner.checkpoint import load_checkpoint
     from captioner.config import Config
     from captioner.train import train
     try:
-        config = Config.from_toml(args.config) if args.config else Config()
-    except (OSError, ValueError) as e:
+        base = load_checkpoint(args.init).config if args.init else Config()
+    except ValueError as e:
+        raise UserError(str(e))
+    try:
+        config = Config.from_toml(args.config, base) if args.config else base
+    except (OSError, ValueError, TypeError) as e:
         raise UserError(f"{args.config}: {e}")
     config = config.replace(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                            num_workers=args.num_workers)
+                            num_workers=args.num_workers, objective="scst" if args.scst else None)
     try:
-        result = train(args.workdir, args.out, config, resume=args.resume, device=args.device)
+        result = train(args.workdir, args.out, config, init=args.init, resume=args.resume, device=args.device)
     except ValueError as e:
         raise UserError(str(e))
     print(f"best dev {config.select_metric}: {result['best']:.4f}; checkpoints in {result['rundir']}")
