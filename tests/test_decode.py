@@ -9,7 +9,7 @@ from captioner.data.vocab import Vocabulary
 from captioner.decode import decode, greedy
 from captioner.model import ShowAttendTell
 
-VOCAB = Vocabulary(list(Vocabulary.SPECIALS) + ["a", "b", "c"])
+VOCAB = Vocabulary(list(Vocabulary.SPECIALS) + ["x", "y", "z"])
 A, B_, C = 4, 5, 6
 
 
@@ -36,8 +36,8 @@ class TableModel(torch.nn.Module):
         return logits, alpha, state
 
 
-# From <start>: a 0.5, b 0.4, c 0.1. After a: nothing likely (end 0.3). After b: end 0.9.
-# Greedy takes "a" then ends: 0.5 * 0.3 = 0.15. The best caption is "b": 0.4 * 0.9 = 0.36.
+# From <start>: x 0.5, y 0.4, z 0.1. After x: nothing likely (end 0.3). After y: end 0.9.
+# Greedy takes "x" then ends: 0.5 * 0.3 = 0.15. The best caption is "y": 0.4 * 0.9 = 0.36.
 TRAP = {1: {A: 0.5, B_: 0.4, C: 0.1}, A: {2: 0.3, A: 0.25, B_: 0.25, C: 0.2}, B_: {2: 0.9, C: 0.1},
         C: {2: 0.5, C: 0.5}}
 
@@ -48,9 +48,9 @@ def feats(n=1, r=4, c=3):
 
 def test_beam_finds_the_best_sequence_where_greedy_does_not():
     model = TableModel(TRAP)
-    assert greedy(model, VOCAB, feats(), block_trigrams=False)[0].tokens == ["a"]
+    assert greedy(model, VOCAB, feats(), block_trigrams=False)[0].tokens == ["x"]
     best = decode(model, VOCAB, feats(), beam_size=3, block_trigrams=False)[0][0]
-    assert best.tokens == ["b"]
+    assert best.tokens == ["y"]
     assert best.score == pytest.approx(math.log(0.36), abs=1e-5)
 
 
@@ -58,7 +58,7 @@ def test_n_best_is_sorted_and_scored():
     hyps = decode(TableModel(TRAP), VOCAB, feats(), beam_size=3, n_best=3, block_trigrams=False)[0]
     assert len(hyps) == 3
     assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
-    assert hyps[1].tokens == ["a"]  # 0.15 is second
+    assert hyps[1].tokens == ["x"]  # 0.15 is second
 
 
 def test_no_end_within_max_len_still_returns_a_caption():
@@ -73,7 +73,7 @@ def test_no_end_within_max_len_still_returns_a_caption():
 def test_trigram_blocking_stops_repetition():
     loop = {1: {A: 0.9, B_: 0.1}, A: {B_: 0.9, C: 0.1}, B_: {A: 0.9, C: 0.1}, C: {2: 0.9, A: 0.1}}
     plain = greedy(TableModel(loop), VOCAB, feats(), max_len=12, block_trigrams=False)[0].tokens
-    assert plain == ["a", "b"] * 6
+    assert plain == ["x", "y"] * 6
     blocked = greedy(TableModel(loop), VOCAB, feats(), max_len=12, block_trigrams=True)[0].tokens
     trigrams = list(zip(blocked, blocked[1:], blocked[2:]))
     assert len(trigrams) == len(set(trigrams))
@@ -127,6 +127,17 @@ def test_attention_per_word_and_unk_suppression():
 def test_captions_are_never_empty():
     ends_at_once = {1: {2: 0.9, A: 0.1}, A: {2: 1.0}}
     model = TableModel(ends_at_once)
-    assert greedy(model, VOCAB, feats(), block_trigrams=False)[0].tokens == ["a"]
-    assert decode(model, VOCAB, feats(), beam_size=3, block_trigrams=False)[0][0].tokens == ["a"]
+    assert greedy(model, VOCAB, feats(), block_trigrams=False)[0].tokens == ["x"]
+    assert decode(model, VOCAB, feats(), beam_size=3, block_trigrams=False)[0][0].tokens == ["x"]
     assert greedy(model, VOCAB, feats(), min_len=0, block_trigrams=False)[0].tokens == []
+
+
+def test_captions_never_end_on_a_bad_ending_word():
+    # vocabulary "of" "dog" "x": after "of" <end> is most likely; a caption must still not stop there
+    vocab = Vocabulary(list(Vocabulary.SPECIALS) + ["of", "dog", "x"])
+    table = {1: {A: 0.9, C: 0.1}, A: {2: 0.7, B_: 0.3}, B_: {2: 1.0}, C: {2: 1.0}}
+    model = TableModel(table)
+    assert greedy(model, vocab, feats(), block_bad_endings=False)[0].tokens == ["of"]
+    assert greedy(model, vocab, feats())[0].tokens == ["of", "dog"]
+    assert decode(model, vocab, feats(), beam_size=3)[0][0].tokens == ["of", "dog"]
+    assert decode(model, vocab, feats(), beam_size=3, block_bad_endings=False)[0][0].tokens == ["of"]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.config import Config
 from captioner.data.datasets import load_prepared
-from captioner.decode import greedy, sample
+from captioner.decode import BAD_ENDINGS, greedy, sample
 from captioner.features.store import FeatureStore
 from captioner.train import train
 
@@ -97,14 +97,20 @@ def test_sample_draws_allowed_words_with_gradients(tiny_workdir):
     torch.manual_seed(0)
     model = ShowAttendTell(Config(**TINY), len(data.vocab))
     ids = [r.image_id for r in data.split("train")][:2]
-    words, logp, mask = sample(model, data.vocab, torch.from_numpy(store.get(ids)), 3, max_len=6)
-    assert words.shape == logp.shape == mask.shape and words.shape[0] == 6 and words.shape[1] <= 7
+    with torch.no_grad():  # make "a" and <end> likely, so "a <end>" would be common without the rule
+        model.out.bias[data.vocab.end_id] = 4.0
+        model.out.bias[data.vocab.stoi["a"]] = 4.0
+    words, logp, mask = sample(model, data.vocab, torch.from_numpy(store.get(ids)).repeat(10, 1, 1), 3, max_len=6)
+    assert words.shape == logp.shape == mask.shape and words.shape[0] == 60 and words.shape[1] <= 7
     v = data.vocab
+    assert 0 < mask.sum(1).min() < 7 and (mask.sum(1) < 7).sum() > 15  # many rows end by choice
     for row, m, lp in zip(words.tolist(), mask.tolist(), logp):
         n = int(sum(m))
         assert m == [1.0] * n + [0.0] * (len(m) - n)  # counted steps are a prefix
         assert row[n - 1] == v.end_id and v.end_id not in row[:n - 1] and row[0] != v.end_id
         assert not {v.pad_id, v.start_id, v.unk_id} & set(row[:n])
+        if n - 1 < 6:  # ended by choice, not forced at max_len: never right after "a", "of", ...
+            assert v.itos[row[n - 2]] not in BAD_ENDINGS
         assert torch.all(lp[:n] <= 0) and torch.all(torch.isfinite(lp)) and torch.all(lp[n:] == 0)
     (logp * mask).sum().backward()
     assert model.out.weight.grad.abs().sum() > 0 and model.project[0].weight.grad.abs().sum() > 0

@@ -25,10 +25,24 @@ class Caption:
         return " ".join(self.tokens)
 
 
-def _banned_logprobs(logp: torch.Tensor, vocab: Vocabulary, suppress_unk: bool, may_end: bool) -> torch.Tensor:
+# A caption must not stop on these words ("a baby is playing in a pile of"); CIDEr-D barely punishes such
+# endings, so self-critical training would otherwise learn them.
+BAD_ENDINGS = frozenset("a an the and in for at of with before after on upon near to is are am".split())
+
+
+def bad_ending_ids(vocab: Vocabulary, device=None) -> torch.Tensor:
+    return torch.tensor(sorted(vocab.stoi[w] for w in BAD_ENDINGS if w in vocab.stoi), dtype=torch.long,
+                        device=device)
+
+
+def _banned_logprobs(logp: torch.Tensor, vocab: Vocabulary, suppress_unk: bool, may_end: bool,
+                     last: torch.Tensor | None = None, bad_ends: torch.Tensor | None = None) -> torch.Tensor:
+    """Forbid in place what no caption may contain; `last` (rows,) are the previous words."""
     logp[:, vocab.pad_id] = -float("inf")
     if not may_end:  # an empty caption describes nothing
         logp[:, vocab.end_id] = -float("inf")
+    elif bad_ends is not None and len(bad_ends):
+        logp[torch.isin(last, bad_ends), vocab.end_id] = -float("inf")
     logp[:, vocab.start_id] = -float("inf")
     if suppress_unk:
         logp[:, vocab.unk_id] = -float("inf")
@@ -48,7 +62,8 @@ def _block_repeated_trigrams(logp: torch.Tensor, seqs: list[list[int]]) -> None:
 
 @torch.no_grad()
 def greedy(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, max_len: int = 30,
-           min_len: int = 1, suppress_unk: bool = True, block_trigrams: bool = True) -> list[Caption]:
+           min_len: int = 1, suppress_unk: bool = True, block_trigrams: bool = True,
+           block_bad_endings: bool = True) -> list[Caption]:
     """The most likely word at every step. Plain and fast; used for dev scoring during training."""
     model.eval()
     B = features.size(0)
@@ -57,9 +72,11 @@ def greedy(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, 
     seqs: list[list[int]] = [[] for _ in range(B)]
     scores = [0.0] * B
     alive = list(range(B))  # image of each remaining row
+    bad_ends = bad_ending_ids(vocab, features.device) if block_bad_endings else None
     for t in range(max_len):
         logits, _, state = model.step(tokens, state)
-        logp = _banned_logprobs(torch.log_softmax(logits.float(), dim=1), vocab, suppress_unk, t >= min_len)
+        logp = _banned_logprobs(torch.log_softmax(logits.float(), dim=1), vocab, suppress_unk, t >= min_len,
+                                tokens, bad_ends)
         if block_trigrams:
             _block_repeated_trigrams(logp, [seqs[i] for i in alive])
         best, words = logp.max(dim=1)
@@ -80,7 +97,7 @@ def greedy(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, 
 @torch.no_grad()
 def decode(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, beam_size: int = 1,
            max_len: int = 30, min_len: int = 1, n_best: int = 1, length_norm: float = 0.0,
-           suppress_unk: bool = True, block_trigrams: bool = True,
+           suppress_unk: bool = True, block_trigrams: bool = True, block_bad_endings: bool = True,
            return_attention: bool = False) -> list[list[Caption]]:
     """Beam search over a batch of images; returns, per image, the n best captions best first.
 
@@ -108,9 +125,11 @@ def decode(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, 
         norm = score / (len(seq) + 1) ** length_norm if length_norm else score
         finished[img].append((norm, seq, att))
 
+    bad_ends = bad_ending_ids(vocab, dev) if block_bad_endings else None
     for t in range(max_len):
         logits, alpha, state = model.step(tokens, state)
-        logp = _banned_logprobs(torch.log_softmax(logits.float(), dim=1), vocab, suppress_unk, t >= min_len)
+        logp = _banned_logprobs(torch.log_softmax(logits.float(), dim=1), vocab, suppress_unk, t >= min_len,
+                                tokens, bad_ends)
         if block_trigrams and t >= 2:
             _block_repeated_trigrams(logp, seqs.tolist())
         total = (beam_scores.view(-1, 1) + logp).view(len(images), K * V)
@@ -174,7 +193,7 @@ def sample(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, n: 
 
     Returns words (B*n, T) (rows of image b are b*n .. b*n+n-1), the log-probability of each drawn word
     (B*n, T), differentiable, and a mask (B*n, T) of the steps that count (words and the <end>).
-    The same words are banned as in decoding (<pad>, <start>, <unk>; <end> as the first word)."""
+    The same words are banned as in decoding (<pad>, <start>, <unk>; <end> first or after a BAD_ENDINGS word)."""
     B, dev = features.size(0), features.device
     state = model.select_state(model.init_state(features), torch.arange(B, device=dev).repeat_interleave(n))
     tokens = torch.full((B * n,), vocab.start_id, dtype=torch.long, device=dev)
@@ -182,6 +201,7 @@ def sample(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, n: 
     banned[[vocab.pad_id, vocab.start_id, vocab.unk_id]] = True
     first = banned.clone()
     first[vocab.end_id] = True
+    bad_ends = bad_ending_ids(vocab, dev)
     alive = torch.ones(B * n, dtype=torch.bool, device=dev)
     words, logps, masks = [], [], []
     for t in range(max_len + 1):  # max_len words, then <end> is forced
@@ -189,8 +209,10 @@ def sample(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, n: 
         if t == max_len:
             ban = torch.ones_like(banned)
             ban[vocab.end_id] = False
-        else:
-            ban = first if t == 0 else banned
+        elif t == 0:
+            ban = first
+        else:  # rows whose last word may not end a caption get the <end>-banning row
+            ban = torch.where(torch.isin(tokens, bad_ends).unsqueeze(1), first, banned)
         logp = torch.log_softmax(logits.float().masked_fill(ban, -float("inf")), dim=1)
         word = torch.multinomial(logp.detach().exp(), 1).squeeze(1)
         word = torch.where(alive, word, torch.full_like(word, vocab.pad_id))

@@ -1,0 +1,61 @@
+"""Decoding levers on the dev split: models x beam sizes x length normalisation, one table.
+
+    python benchmarks/levers.py --models runs/a/best.safetensors runs/b/best.safetensors \
+        [--beams 1 3 5] [--length-norms 0 0.5 1] [--meteor] [--out benchmarks/results/levers.json]
+
+Decodes the cached dev features of WORKDIR (no image is re-encoded) and scores every configuration with
+the COCO-toolkit scorers (`score_captions`, the same code as `captioner evaluate`). METEOR needs Java and
+adds ~10 s per row, so it is off unless asked for.
+"""
+import argparse
+import os
+import time
+
+import torch
+
+from captioner.checkpoint import load_checkpoint
+from captioner.data.datasets import load_prepared
+from captioner.decode import decode
+from captioner.evaluation.metrics import METRIC_KEYS, score_captions
+from captioner.features.store import FeatureStore
+from captioner.io import atomic_write_json
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=[None], help="checkpoints (default: the shipped model)")
+    ap.add_argument("--work", default="work/flickr8k", help="prepared WORKDIR with a feature store")
+    ap.add_argument("--beams", nargs="+", type=int, default=[1, 3, 5])
+    ap.add_argument("--length-norms", nargs="+", type=float, default=[0.0])
+    ap.add_argument("--meteor", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results/levers.json")
+    args = ap.parse_args()
+
+    data = load_prepared(args.work)
+    rows = []
+    for path in args.models:
+        ckpt = load_checkpoint(path)
+        store = FeatureStore.open(args.work, ckpt.config.encoder)
+        records = [r for r in data.split("dev") if r.image_id in store]
+        ids = [r.image_id for r in records]
+        refs = {r.image_id: r.captions for r in records}
+        feats = torch.from_numpy(store.get(ids))
+        for beam in args.beams:
+            for norm in args.length_norms if beam > 1 else [0.0]:
+                t = time.perf_counter()
+                with torch.inference_mode():
+                    caps = [c[0] for i in range(0, len(ids), 250)
+                            for c in decode(ckpt.model, ckpt.vocab, feats[i:i + 250], beam_size=beam,
+                                            length_norm=norm)]
+                secs = time.perf_counter() - t
+                scores = score_captions({k: c.text for k, c in zip(ids, caps)}, refs, meteor=args.meteor)
+                row = {"model": str(ckpt.path), "beam": beam, "length_norm": norm, "images": len(ids),
+                       "decode_secs": round(secs, 1), **{k: scores.corpus[k] for k in METRIC_KEYS}}
+                rows.append(row)
+                print(f"{ckpt.path.name:28s} beam {beam} norm {norm:3.1f}  " + "  ".join(
+                    f"{k} {100 * v:5.1f}" for k, v in scores.corpus.items() if v is not None), flush=True)
+    atomic_write_json(args.out, {"work": args.work, "split": "dev", "loadavg": os.getloadavg()[0], "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
