@@ -1,6 +1,6 @@
 """Decoding speed from cached features: greedy and beam search, batched vs one image at a time.
 
-    python benchmarks/decode_speed.py [--model CKPT] [--work work/flickr8k] [--images 500]
+    python benchmarks/decode_speed.py [--model CKPT] [--work work/flickr8k] [--images 500] [--int8]
 
 Prints ms/image for each mode and writes benchmarks/results/decode_speed.json.
 """
@@ -15,6 +15,7 @@ from captioner.data.datasets import load_prepared
 from captioner.decode import decode, greedy
 from captioner.features.store import FeatureStore
 from captioner.io import atomic_write_json
+from captioner.model import quantize_int8
 
 
 def timed(fn, repeats=3):
@@ -32,6 +33,7 @@ def main():
     ap.add_argument("--work", default="work/flickr8k", help="prepared WORKDIR with a lite2 feature store")
     ap.add_argument("--images", type=int, default=500)
     ap.add_argument("--single", type=int, default=50, help="images for the one-at-a-time runs")
+    ap.add_argument("--int8", action="store_true", help="int8 decoder weights (what Captioner uses)")
     ap.add_argument("--out", default="benchmarks/results/decode_speed.json")
     args = ap.parse_args()
 
@@ -40,7 +42,7 @@ def main():
     store = FeatureStore.open(args.work, ckpt.config.encoder)
     ids = [r.image_id for r in data.split("dev") if r.image_id in store][:args.images]
     feats = torch.from_numpy(store.get(ids))
-    model, vocab = ckpt.model, ckpt.vocab
+    model, vocab = (quantize_int8(ckpt.model) if args.int8 else ckpt.model), ckpt.vocab
     rows = {}
     with torch.inference_mode():
         rows["greedy, batched"] = timed(lambda: greedy(model, vocab, feats)) / len(ids)
@@ -54,7 +56,7 @@ def main():
           f" load {os.getloadavg()[0]:.1f})")
     for k, v in rows.items():
         print(f"{k:28s} {v * 1000:9.2f} {1 / v:9.1f}")
-    atomic_write_json(args.out, {"model": str(ckpt.path), "images": len(ids), "threads": torch.get_num_threads(),
+    atomic_write_json(args.out, {"model": str(ckpt.path), "weights": "int8" if args.int8 else "float32", "images": len(ids), "threads": torch.get_num_threads(),
                                  "loadavg": os.getloadavg()[0], "ms_per_image": {k: round(v * 1000, 3) for k, v in rows.items()}})
 
 

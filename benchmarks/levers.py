@@ -19,6 +19,7 @@ from captioner.decode import decode
 from captioner.evaluation.metrics import METRIC_KEYS, score_captions
 from captioner.features.store import FeatureStore
 from captioner.io import atomic_write_json
+from captioner.model import quantize_int8
 
 
 def main():
@@ -28,6 +29,7 @@ def main():
     ap.add_argument("--beams", nargs="+", type=int, default=[1, 3, 5])
     ap.add_argument("--length-norms", nargs="+", type=float, default=[0.0])
     ap.add_argument("--meteor", action="store_true")
+    ap.add_argument("--int8", action="store_true", help="also decode with int8 weights (what Captioner uses)")
     ap.add_argument("--out", default="benchmarks/results/levers.json")
     args = ap.parse_args()
 
@@ -40,19 +42,19 @@ def main():
         ids = [r.image_id for r in records]
         refs = {r.image_id: r.captions for r in records}
         feats = torch.from_numpy(store.get(ids))
-        for beam in args.beams:
+        weights = [("float32", ckpt.model)] + ([("int8", quantize_int8(ckpt.model))] if args.int8 else [])
+        for (kind, model), beam in ((w, b) for w in weights for b in args.beams):
             for norm in args.length_norms if beam > 1 else [0.0]:
                 t = time.perf_counter()
                 with torch.inference_mode():
                     caps = [c[0] for i in range(0, len(ids), 250)
-                            for c in decode(ckpt.model, ckpt.vocab, feats[i:i + 250], beam_size=beam,
-                                            length_norm=norm)]
+                            for c in decode(model, ckpt.vocab, feats[i:i + 250], beam_size=beam, length_norm=norm)]
                 secs = time.perf_counter() - t
                 scores = score_captions({k: c.text for k, c in zip(ids, caps)}, refs, meteor=args.meteor)
-                row = {"model": str(ckpt.path), "beam": beam, "length_norm": norm, "images": len(ids),
-                       "decode_secs": round(secs, 1), **{k: scores.corpus[k] for k in METRIC_KEYS}}
+                row = {"model": str(ckpt.path), "weights": kind, "beam": beam, "length_norm": norm,
+                       "images": len(ids), "decode_secs": round(secs, 1), **{k: scores.corpus[k] for k in METRIC_KEYS}}
                 rows.append(row)
-                print(f"{ckpt.path.name:28s} beam {beam} norm {norm:3.1f}  " + "  ".join(
+                print(f"{ckpt.path.name:28s} {kind:7s} beam {beam} norm {norm:3.1f}  " + "  ".join(
                     f"{k} {100 * v:5.1f}" for k, v in scores.corpus.items() if v is not None), flush=True)
     atomic_write_json(args.out, {"work": args.work, "split": "dev", "loadavg": os.getloadavg()[0], "rows": rows})
 

@@ -2,6 +2,7 @@
 import io
 
 import numpy as np
+import torch
 import pytest
 from helpers import png_bomb
 from PIL import Image
@@ -166,3 +167,16 @@ def test_info_describes_the_model(captioner, model_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no such checkpoint file"):
         Captioner.load(tmp_path / "nope.safetensors")
+
+
+def test_int8_decoder_writes_nearly_the_same_captions(captioner, model_path, flickr8k_root):
+    """int8 weights are the default; on real photos they give (almost always) the float model's captions."""
+    exact = Captioner(captioner.checkpoint, captioner.encoder, int8=False)
+    assert captioner.info["decoder_weights"] == "int8" and exact.info["decoder_weights"] == "float32"
+    assert "quantized" in type(captioner.model.out).__module__ and type(exact.model.out) is torch.nn.Linear
+    names = (flickr8k_root / "text" / "Flickr_8k.devImages.txt").read_text().split()[:24]
+    photos = [flickr8k_root / "images" / n for n in names]
+    fast, slow = captioner.caption_batch(photos), exact.caption_batch(photos)
+    same = sum(a.caption == b.caption for a, b in zip(fast, slow))
+    assert same >= 20, [(a.caption, b.caption) for a, b in zip(fast, slow) if a.caption != b.caption]
+    assert all(abs(a.score - b.score) < 0.5 for a, b in zip(fast, slow) if a.caption == b.caption)

@@ -26,8 +26,8 @@ def run(captioner, monkeypatch, capsys):
     """Run `captioner caption ARGS` through cli.main with the module's model, so it loads only once."""
     loads = []
 
-    def load(path=None, *, backend="auto", beam_size=3, max_len=30):
-        loads.append({"path": path, "backend": backend, "beam_size": beam_size})
+    def load(path=None, *, backend="auto", beam_size=3, max_len=30, int8=True):
+        loads.append({"path": path, "backend": backend, "beam_size": beam_size, "int8": int8})
         return captioner
     monkeypatch.setattr(Captioner, "load", staticmethod(load))
 
@@ -64,7 +64,9 @@ def test_text_output_matches_the_api(run, captioner, tmp_path):
     assert rc == 0, err
     assert text_lines(out) == {str(a): captioner.caption(a, beam_size=2).caption,
                                str(b): captioner.caption(b, beam_size=2).caption}
-    assert run.loads[-1] == {"path": None, "backend": "torch", "beam_size": 2}
+    assert run.loads[-1] == {"path": None, "backend": "torch", "beam_size": 2, "int8": True}
+    run(a, "--no-int8")
+    assert run.loads[-1]["int8"] is False
 
 
 def test_json_with_n_best(run, captioner, tmp_path):

@@ -177,6 +177,8 @@ def _add_caption(sub):
     p.add_argument("--attention", metavar="DIR", help="write one PNG per image with per-word attention maps")
     p.add_argument("--batch-size", type=int, default=16, help="images encoded and decoded together (16)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"], help="CNN runtime (auto)")
+    p.add_argument("--no-int8", dest="int8", action="store_false",
+                   help="decode with the float weights instead of int8 (slower, the exact evaluated model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_caption)
 
@@ -242,7 +244,7 @@ def _run_caption(args, captioner=None) -> int:
     if captioner is None:
         from captioner.apps.api import Captioner
         try:
-            captioner = Captioner.load(args.model, backend=args.backend, beam_size=args.beam)
+            captioner = Captioner.load(args.model, backend=args.backend, beam_size=args.beam, int8=args.int8)
         except (ValueError, RuntimeError, OSError) as e:  # missing/bad checkpoint, failed ONNX export
             raise UserError(str(e).splitlines()[0]) from None
 
