@@ -1,7 +1,11 @@
 """Decoding levers on the dev split: models x beam sizes x length normalisation, one table.
 
     python benchmarks/levers.py --models runs/a/best.safetensors runs/b/best.safetensors \
-        [--beams 1 3 5] [--length-norms 0 0.5 1] [--meteor] [--out benchmarks/results/levers.json]
+        [--beams 1 3 5] [--length-norms 0 0.5 1] [--meteor] [--int8] [--combine ensemble|average]
+        [--out benchmarks/results/levers.json]
+
+--combine decodes the --models as one: `ensemble` averages their word probabilities at every step,
+`average` averages their weights (checkpoint averaging; they must share a starting point to make sense).
 
 Decodes the cached dev features of WORKDIR (no image is re-encoded) and scores every configuration with
 the COCO-toolkit scorers (`score_captions`, the same code as `captioner evaluate`). METEOR needs Java and
@@ -15,7 +19,7 @@ import torch
 
 from captioner.checkpoint import load_checkpoint
 from captioner.data.datasets import load_prepared
-from captioner.decode import decode
+from captioner.decode import Ensemble, decode
 from captioner.evaluation.metrics import METRIC_KEYS, score_captions
 from captioner.features.store import FeatureStore
 from captioner.io import atomic_write_json
@@ -30,13 +34,26 @@ def main():
     ap.add_argument("--length-norms", nargs="+", type=float, default=[0.0])
     ap.add_argument("--meteor", action="store_true")
     ap.add_argument("--int8", action="store_true", help="also decode with int8 weights (what Captioner uses)")
+    ap.add_argument("--combine", choices=["ensemble", "average"], help="decode all --models as one")
     ap.add_argument("--out", default="benchmarks/results/levers.json")
     args = ap.parse_args()
 
     data = load_prepared(args.work)
     rows = []
-    for path in args.models:
-        ckpt = load_checkpoint(path)
+    checkpoints = [load_checkpoint(p) for p in args.models]
+    if args.combine:
+        if any(c.vocab != checkpoints[0].vocab for c in checkpoints):
+            raise SystemExit("--combine needs models with one vocabulary")
+        first = checkpoints[0]
+        if args.combine == "ensemble":
+            model = Ensemble([c.model for c in checkpoints])
+        else:
+            model = first.model.__class__(first.config, len(first.vocab))
+            states = [c.model.state_dict() for c in checkpoints]
+            model.load_state_dict({k: sum(s[k] for s in states) / len(states) for k in states[0]})
+        name = f"{args.combine} of " + " + ".join(str(c.path) for c in checkpoints)
+        checkpoints = [type(first)(model.eval(), first.vocab, first.config, first.meta, type(first.path)(name))]
+    for ckpt in checkpoints:
         store = FeatureStore.open(args.work, ckpt.config.encoder)
         records = [r for r in data.split("dev") if r.image_id in store]
         ids = [r.image_id for r in records]
@@ -54,7 +71,7 @@ def main():
                 row = {"model": str(ckpt.path), "weights": kind, "beam": beam, "length_norm": norm,
                        "images": len(ids), "decode_secs": round(secs, 1), **{k: scores.corpus[k] for k in METRIC_KEYS}}
                 rows.append(row)
-                print(f"{ckpt.path.name:28s} {kind:7s} beam {beam} norm {norm:3.1f}  " + "  ".join(
+                print(f"{str(ckpt.path)[-60:]:60s} {kind:7s} beam {beam} norm {norm:3.1f}  " + "  ".join(
                     f"{k} {100 * v:5.1f}" for k, v in scores.corpus.items() if v is not None), flush=True)
     atomic_write_json(args.out, {"work": args.work, "split": "dev", "loadavg": os.getloadavg()[0], "rows": rows})
 

@@ -141,3 +141,19 @@ def test_captions_never_end_on_a_bad_ending_word():
     assert greedy(model, vocab, feats())[0].tokens == ["of", "dog"]
     assert decode(model, vocab, feats(), beam_size=3)[0][0].tokens == ["of", "dog"]
     assert decode(model, vocab, feats(), beam_size=3, block_bad_endings=False)[0][0].tokens == ["of"]
+
+
+def test_ensemble_averages_word_probabilities():
+    from captioner.decode import Ensemble
+    same = Ensemble([TableModel(TRAP), TableModel(TRAP)])
+    best = decode(same, VOCAB, feats(), beam_size=3, block_trigrams=False)[0][0]
+    assert best.tokens == ["y"] and best.score == pytest.approx(math.log(0.36), abs=1e-5)
+    # alone, one model says "x" and the other "z"; their average prefers "y" (0.425 vs 0.325 and 0.25)
+    m1 = TableModel({1: {A: 0.6, B_: 0.4}, A: {2: 1.0}, B_: {2: 1.0}, C: {2: 1.0}})
+    m2 = TableModel({1: {C: 0.5, B_: 0.45, A: 0.05}, A: {2: 1.0}, B_: {2: 1.0}, C: {2: 1.0}})
+    assert greedy(m1, VOCAB, feats())[0].tokens == ["x"] and greedy(m2, VOCAB, feats())[0].tokens == ["z"]
+    assert greedy(Ensemble([m1, m2]), VOCAB, feats())[0].tokens == ["y"]
+    with pytest.raises(ValueError, match="one vocabulary"):
+        big = TableModel(TRAP)
+        big.vocab_size += 1
+        Ensemble([TableModel(TRAP), big])

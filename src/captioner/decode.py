@@ -14,6 +14,30 @@ from captioner.data.vocab import Vocabulary
 from captioner.model import ShowAttendTell
 
 
+class Ensemble(torch.nn.Module):
+    """Several models with one vocabulary decoded as one: each step averages their word probabilities
+    (and attention maps). Has the interface `greedy` and `decode` use, so either accepts it as a model."""
+
+    def __init__(self, models: list[ShowAttendTell]):
+        super().__init__()
+        if len({m.vocab_size for m in models}) != 1:
+            raise ValueError("ensemble members must share one vocabulary")
+        self.members = torch.nn.ModuleList(models)
+        self.vocab_size = models[0].vocab_size
+
+    def init_state(self, features):
+        return [m.init_state(features) for m in self.members]
+
+    def select_state(self, state, rows, images=None):
+        return [m.select_state(s, rows, images) for m, s in zip(self.members, state)]
+
+    def step(self, tokens, state):
+        outs = [m.step(tokens, s) for m, s in zip(self.members, state)]
+        probs = torch.stack([torch.softmax(o[0].float(), dim=1) for o in outs]).mean(0)
+        alpha = torch.stack([o[1] for o in outs]).mean(0)
+        return probs.log(), alpha, [o[2] for o in outs]
+
+
 @dataclass
 class Caption:
     tokens: list[str]
