@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 DATA ?= ../shared/flickr8k
 WORK ?= work/flickr8k
 
-.PHONY: install test demo bench data features train clean
+.PHONY: install test demo bench data features train scst clean
 
 install: $(VENV)/.installed
 
@@ -32,9 +32,14 @@ features: data
 train: features
 	$(VENV)/bin/captioner train $(WORK) --out runs/flickr8k --config configs/flickr8k.toml
 
+# After `make train`: self-critical fine-tuning of its best checkpoint (12 epochs; ~4 min on a GPU, ~1 h on 2 cores).
+scst: install
+	$(VENV)/bin/captioner train $(WORK) --out runs/scst --init runs/flickr8k/best.safetensors --scst \
+		--config configs/flickr8k-scst.toml
+
 bench: install
 	$(PY) benchmarks/features.py
-	$(PY) benchmarks/decode_speed.py
+	$(PY) benchmarks/decode_speed.py --int8
 	$(PY) benchmarks/latency.py
 	$(PY) benchmarks/load.py
 
