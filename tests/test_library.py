@@ -121,6 +121,15 @@ def test_index_then_incremental_reindex(folder, tmp_path):
     assert [h["path"] for h in search(db, "blue")] == [str(folder / "green.png")]
     assert "green" not in dict(tags(db))  # tags of replaced and deleted captions are gone too
 
+    # a new model: --recaption captions every file again and records the model
+    class NewModel(ColourCaptioner):
+        info = {"name": "colour-test-2"}
+    new = NewModel()
+    s = index_folder(folder, db, new, progress=False, recaption=True)
+    assert (s["captioned"], s["unchanged"], s["touched"]) == (3, 0, 0) and new.captioned == 3
+    with sqlite3.connect(db) as con:
+        assert {m for (m,) in con.execute("SELECT model FROM images")} == {"colour-test-2"}
+
 
 def test_unreadable_image_recorded_not_fatal(folder, tmp_path):
     db = tmp_path / "lib.sqlite"

@@ -325,6 +325,8 @@ def _add_library(sub):
     p.add_argument("--beam", type=int, default=3, help="beam size (3)")
     p.add_argument("--n-best", type=int, default=3, help="captions kept and searched per image (3)")
     p.add_argument("--batch-size", type=int, default=16, help="images captioned and committed together (16)")
+    p.add_argument("--recaption", action="store_true",
+                   help="caption every image again, changed or not (e.g. after upgrading the model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_index)
     p = sub.add_parser("search", help="search a library by words")
@@ -360,7 +362,7 @@ def _run_index(args) -> int:
     try:
         captioner = _load_captioner(args) if args.model else None  # None: loaded only if needed
         s = index_folder(args.folder, args.db, captioner, beam_size=args.beam, n_best=args.n_best,
-                         batch_size=args.batch_size, progress=not args.no_progress)
+                         batch_size=args.batch_size, progress=not args.no_progress, recaption=args.recaption)
     except (ValueError, OSError) as e:
         raise UserError(str(e)) from None
     for line in s["errors"]:

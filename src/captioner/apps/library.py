@@ -194,14 +194,14 @@ def find_images(folder: Path) -> list[Path]:
 
 
 def index_folder(folder, db_path, captioner=None, *, beam_size: int = 3, n_best: int = 3, batch_size: int = 16,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, recaption: bool = False) -> dict:
     """Caption every image under `folder` into the SQLite library at `db_path`; returns a summary dict.
 
     Only new or changed files are captioned (a changed size/mtime with an unchanged sha256 just updates the
     row), rows of files that disappeared from the folder are removed, and each batch is committed on its own.
     Unreadable images are stored with their error and listed in summary["errors"]; they are retried only
     once the file changes. `captioner` is a `captioner.Captioner`; None loads the shipped model, and only
-    when something needs captioning.
+    when something needs captioning. `recaption` captions every file again (after a model upgrade, say).
     """
     folder = Path(folder).absolute()
     db_path = Path(db_path)
@@ -236,7 +236,7 @@ def index_folder(folder, db_path, captioner=None, *, beam_size: int = 3, n_best:
                 summary["errors"].append(f"{p}: {e.strerror or e}")
                 continue
             row = known.get(str(p))
-            if row and row[1] == st.st_size and row[2] == st.st_mtime_ns:
+            if row and row[1] == st.st_size and row[2] == st.st_mtime_ns and not recaption:
                 summary["unchanged"] += 1
             else:
                 pending.append((p, st.st_size, st.st_mtime_ns))
@@ -256,7 +256,7 @@ def index_folder(folder, db_path, captioner=None, *, beam_size: int = 3, n_best:
                     continue
                 sha = hashlib.sha256(data).hexdigest()
                 row = known.get(str(p))
-                if row and row[3] == sha and row[4]:  # touched but same content: keep the caption
+                if row and row[3] == sha and row[4] and not recaption:  # touched, same content: keep the caption
                     con.execute("UPDATE images SET size = ?, mtime_ns = ? WHERE id = ?", (size, mtime_ns, row[0]))
                     summary["touched"] += 1
                 else:
