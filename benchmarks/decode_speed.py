@@ -56,7 +56,8 @@ def main():
           f" load {os.getloadavg()[0]:.1f})")
     for k, v in rows.items():
         print(f"{k:28s} {v * 1000:9.2f} {1 / v:9.1f}")
-    atomic_write_json(args.out, {"model": str(ckpt.path), "weights": "int8" if args.int8 else "float32", "images": len(ids), "threads": torch.get_num_threads(),
+    atomic_write_json(args.out, {"model": str(ckpt.path), "weights": "int8" if args.int8 else "float32",
+                                 "images": len(ids), "threads": torch.get_num_threads(),
                                  "loadavg": os.getloadavg()[0], "ms_per_image": {k: round(v * 1000, 3) for k, v in rows.items()}})
 
 

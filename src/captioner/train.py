@@ -210,7 +210,6 @@ def train(workdir, out, config: Config | None = None, *, init=None, resume: bool
     random.seed(config.seed), np.random.seed(config.seed), torch.manual_seed(config.seed)
 
     data = load_prepared(workdir)
-    data_records = {r.image_id: r for r in data.records}
     store = FeatureStore.open(workdir, config.encoder)
     spec = store.spec
     if (spec.channels, spec.num_regions) != (config.feature_dim, config.num_regions):
@@ -243,7 +242,9 @@ def train(workdir, out, config: Config | None = None, *, init=None, resume: bool
     meta_base = {"name": rundir.name, "encoder": config.encoder, "input_size": spec.input_size,
                  "grid": list(spec.grid), "workdir": str(workdir), "init": str(init) if init else None}
     if scst:  # document frequencies from the training references, once (as in the SCST papers)
-        cider = CiderD({i: [ptb_tokenize(c) for c in data_records[i].captions] for i in train_set.image_ids})
+        train_ids = set(train_set.image_ids)
+        cider = CiderD({r.image_id: [ptb_tokenize(c) for c in r.captions]
+                        for r in data.records if r.image_id in train_ids})
     use_bf16 = device.type == "cuda"
 
     for epoch in range(start_epoch, config.epochs):
@@ -289,7 +290,8 @@ def train(workdir, out, config: Config | None = None, *, init=None, resume: bool
         stop = False
         if main:
             scores, _ = dev_scores(model, data, store, device=device, max_len=config.max_len)
-            fit = ({"train_reward": round(reward_sum / max(n, 1), 4), "train_baseline": round(baseline_sum / max(n, 1), 4)}
+            fit = ({"train_reward": round(reward_sum / max(n, 1), 4),
+                    "train_baseline": round(baseline_sum / max(n, 1), 4)}
                    if scst else {"train_loss": round(loss_sum / max(n, 1), 4)})
             row = {"epoch": epoch + 1, "step": step, **fit,
                    "lr": optimizer.param_groups[0]["lr"], "train_secs": round(train_secs, 1),
