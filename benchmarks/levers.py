@@ -23,7 +23,7 @@ from captioner.decode import Ensemble, decode
 from captioner.evaluation.metrics import METRIC_KEYS, score_captions
 from captioner.features.store import FeatureStore
 from captioner.io import atomic_write_json
-from captioner.model import quantize_int8
+from captioner.model import ShowAttendTell, quantize_int8
 
 
 def main():
@@ -41,25 +41,25 @@ def main():
     data = load_prepared(args.work)
     rows = []
     checkpoints = [load_checkpoint(p) for p in args.models]
+    entries = [(str(c.path), c.model, c) for c in checkpoints]  # (label, model to decode, its checkpoint)
     if args.combine:
-        if any(c.vocab != checkpoints[0].vocab for c in checkpoints):
-            raise SystemExit("--combine needs models with one vocabulary")
         first = checkpoints[0]
+        if any(c.vocab != first.vocab for c in checkpoints):
+            raise SystemExit("--combine needs models with one vocabulary")
         if args.combine == "ensemble":
             model = Ensemble([c.model for c in checkpoints])
         else:
-            model = first.model.__class__(first.config, len(first.vocab))
+            model = ShowAttendTell(first.config, len(first.vocab))
             states = [c.model.state_dict() for c in checkpoints]
             model.load_state_dict({k: sum(s[k] for s in states) / len(states) for k in states[0]})
-        name = f"{args.combine} of " + " + ".join(str(c.path) for c in checkpoints)
-        checkpoints = [type(first)(model.eval(), first.vocab, first.config, first.meta, type(first.path)(name))]
-    for ckpt in checkpoints:
+        entries = [(f"{args.combine} of " + " + ".join(label for label, _, _ in entries), model.eval(), first)]
+    for label, base, ckpt in entries:
         store = FeatureStore.open(args.work, ckpt.config.encoder)
         records = [r for r in data.split("dev") if r.image_id in store]
         ids = [r.image_id for r in records]
         refs = {r.image_id: r.captions for r in records}
         feats = torch.from_numpy(store.get(ids))
-        weights = [("float32", ckpt.model)] + ([("int8", quantize_int8(ckpt.model))] if args.int8 else [])
+        weights = [("float32", base)] + ([("int8", quantize_int8(base))] if args.int8 else [])
         for (kind, model), beam in ((w, b) for w in weights for b in args.beams):
             for norm in args.length_norms if beam > 1 else [0.0]:
                 t = time.perf_counter()
@@ -68,10 +68,10 @@ def main():
                             for c in decode(model, ckpt.vocab, feats[i:i + 250], beam_size=beam, length_norm=norm)]
                 secs = time.perf_counter() - t
                 scores = score_captions({k: c.text for k, c in zip(ids, caps)}, refs, meteor=args.meteor)
-                row = {"model": str(ckpt.path), "weights": kind, "beam": beam, "length_norm": norm,
+                row = {"model": label, "weights": kind, "beam": beam, "length_norm": norm,
                        "images": len(ids), "decode_secs": round(secs, 1), **{k: scores.corpus[k] for k in METRIC_KEYS}}
                 rows.append(row)
-                print(f"{str(ckpt.path)[-60:]:60s} {kind:7s} beam {beam} norm {norm:3.1f}  " + "  ".join(
+                print(f"{label[-60:]:60s} {kind:7s} beam {beam} norm {norm:3.1f}  " + "  ".join(
                     f"{k} {100 * v:5.1f}" for k, v in scores.corpus.items() if v is not None), flush=True)
     atomic_write_json(args.out, {"work": args.work, "split": "dev", "loadavg": os.getloadavg()[0], "rows": rows})
 

@@ -59,18 +59,19 @@ def bad_ending_ids(vocab: Vocabulary, device=None) -> torch.Tensor:
                         device=device)
 
 
-def _banned_logprobs(logp: torch.Tensor, vocab: Vocabulary, suppress_unk: bool, may_end: bool,
-                     last: torch.Tensor | None = None, bad_ends: torch.Tensor | None = None) -> torch.Tensor:
-    """Forbid in place what no caption may contain; `last` (rows,) are the previous words."""
-    logp[:, vocab.pad_id] = -float("inf")
+def banned_words(vocab: Vocabulary, vocab_size: int, last: torch.Tensor, may_end: bool, *,
+                 suppress_unk: bool = True, bad_ends: torch.Tensor | None = None) -> torch.Tensor:
+    """(rows, V) True where a word may not come next, given the previous words `last` (rows,): <pad>,
+    <start>, <unk> (when suppressed), and <end> as the first word or right after a BAD_ENDINGS word."""
+    ban = torch.zeros(vocab_size, dtype=torch.bool, device=last.device)
+    ban[[vocab.pad_id, vocab.start_id]] = True
+    ban[vocab.unk_id] = suppress_unk
+    ban = ban.expand(len(last), -1).clone()
     if not may_end:  # an empty caption describes nothing
-        logp[:, vocab.end_id] = -float("inf")
+        ban[:, vocab.end_id] = True
     elif bad_ends is not None and len(bad_ends):
-        logp[torch.isin(last, bad_ends), vocab.end_id] = -float("inf")
-    logp[:, vocab.start_id] = -float("inf")
-    if suppress_unk:
-        logp[:, vocab.unk_id] = -float("inf")
-    return logp
+        ban[torch.isin(last, bad_ends), vocab.end_id] = True
+    return ban
 
 
 def _block_repeated_trigrams(logp: torch.Tensor, seqs: list[list[int]]) -> None:
@@ -99,8 +100,9 @@ def greedy(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, 
     bad_ends = bad_ending_ids(vocab, features.device) if block_bad_endings else None
     for t in range(max_len):
         logits, _, state = model.step(tokens, state)
-        logp = _banned_logprobs(torch.log_softmax(logits.float(), dim=1), vocab, suppress_unk, t >= min_len,
-                                tokens, bad_ends)
+        logp = torch.log_softmax(logits.float(), dim=1).masked_fill_(
+            banned_words(vocab, logits.size(1), tokens, t >= min_len, suppress_unk=suppress_unk, bad_ends=bad_ends),
+            -float("inf"))
         if block_trigrams:
             _block_repeated_trigrams(logp, [seqs[i] for i in alive])
         best, words = logp.max(dim=1)
@@ -152,8 +154,9 @@ def decode(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, 
     bad_ends = bad_ending_ids(vocab, dev) if block_bad_endings else None
     for t in range(max_len):
         logits, alpha, state = model.step(tokens, state)
-        logp = _banned_logprobs(torch.log_softmax(logits.float(), dim=1), vocab, suppress_unk, t >= min_len,
-                                tokens, bad_ends)
+        logp = torch.log_softmax(logits.float(), dim=1).masked_fill_(
+            banned_words(vocab, logits.size(1), tokens, t >= min_len, suppress_unk=suppress_unk, bad_ends=bad_ends),
+            -float("inf"))
         if block_trigrams and t >= 2:
             _block_repeated_trigrams(logp, seqs.tolist())
         total = (beam_scores.view(-1, 1) + logp).view(len(images), K * V)
@@ -221,22 +224,14 @@ def sample(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, n: 
     B, dev = features.size(0), features.device
     state = model.select_state(model.init_state(features), torch.arange(B, device=dev).repeat_interleave(n))
     tokens = torch.full((B * n,), vocab.start_id, dtype=torch.long, device=dev)
-    banned = torch.zeros(model.vocab_size, dtype=torch.bool, device=dev)
-    banned[[vocab.pad_id, vocab.start_id, vocab.unk_id]] = True
-    first = banned.clone()
-    first[vocab.end_id] = True
     bad_ends = bad_ending_ids(vocab, dev)
+    only_end = torch.ones(model.vocab_size, dtype=torch.bool, device=dev)
+    only_end[vocab.end_id] = False
     alive = torch.ones(B * n, dtype=torch.bool, device=dev)
     words, logps, masks = [], [], []
     for t in range(max_len + 1):  # max_len words, then <end> is forced
         logits, _, state = model.step(tokens, state)
-        if t == max_len:
-            ban = torch.ones_like(banned)
-            ban[vocab.end_id] = False
-        elif t == 0:
-            ban = first
-        else:  # rows whose last word may not end a caption get the <end>-banning row
-            ban = torch.where(torch.isin(tokens, bad_ends).unsqueeze(1), first, banned)
+        ban = only_end if t == max_len else banned_words(vocab, model.vocab_size, tokens, t > 0, bad_ends=bad_ends)
         logp = torch.log_softmax(logits.float().masked_fill(ban, -float("inf")), dim=1)
         word = torch.multinomial(logp.detach().exp(), 1).squeeze(1)
         word = torch.where(alive, word, torch.full_like(word, vocab.pad_id))
