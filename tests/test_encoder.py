@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner.features.encoder import (ENCODERS, ONNX_ATOL, Encoder, ImageError, _torch_grid_model, get_spec,
-                                        load_image, preprocess)
+from captioner.features.encoder import (ENCODERS, ONNX_ATOL, Encoder, ImageError, encoder_top, get_spec, load_image,
+                                        preprocess, pretrained_net)
 
 # Flickr8k photos whose five captions all say "dog"
 DOGS = ["1001773457_577c3a7d70.jpg", "1003163366_44323f5815.jpg", "1015584366_dfcec3c85a.jpg"]
@@ -145,8 +145,13 @@ def test_preprocess_normalises_like_the_tf_lite_models():
 
 
 def test_unknown_encoder_and_wrong_batch_shape():
-    with pytest.raises(ValueError, match="lite0, lite1, lite2"):
-        get_spec("resnet")
+    for bad in ("resnet", "lite3", "lite2-cut", "lite2+", "lite2-flip"):
+        with pytest.raises(ValueError, match="lite0, lite1, lite2"):
+            get_spec(bad)
+    with pytest.raises(ValueError, match="cut 1..5"):
+        get_spec("lite2-cut6")
+    with pytest.raises(ValueError, match="cannot be concatenated"):
+        get_spec("lite0-cut1+lite2")
     with pytest.raises(ValueError, match="backend"):
         Encoder.load("lite0", backend="tpu")
     enc = Encoder.load("lite0", backend="torch")
@@ -160,7 +165,7 @@ def test_unknown_encoder_and_wrong_batch_shape():
 def test_pretrained_classifier_sees_dogs(dog_paths):
     import torch
     spec = get_spec("lite2")
-    net = _torch_grid_model(spec).net  # the full classifier, head included
+    net = pretrained_net("lite2")  # the full classifier, head included
     x = torch.from_numpy(np.stack([preprocess(load_image(p), spec) for p in dog_paths]))
     with torch.inference_mode():
         top5 = net(x).topk(5).indices
@@ -190,6 +195,34 @@ def test_onnx_agrees_with_torch_and_regions_are_row_major(dog_paths):
     # region r is grid cell (r // 9, r % 9) of the conv map
     x = torch.from_numpy(np.stack([preprocess(load_image(p), onnx.spec) for p in dog_paths[:1]]))
     with torch.inference_mode():
-        grid = _torch_grid_model(onnx.spec).net.extract_features(x).numpy()[0]  # (C, 9, 9)
+        grid = pretrained_net("lite2").extract_features(x).numpy()[0]  # (C, 9, 9)
     assert np.allclose(b[0, 2 * 9 + 5], grid[:, 2, 5], atol=1e-5)
     assert Encoder.load("lite2").backend == "onnx"  # auto picks onnxruntime when installed
+
+
+def test_composite_and_cut_specs():
+    both = get_spec("lite0+lite2")  # lite0 runs at lite2's input so the grids line up
+    assert (both.input_size, both.grid, both.channels) == (260, (9, 9), 2560)
+    assert (get_spec("lite1+lite0").input_size, get_spec("lite1+lite0").grid) == (240, (8, 8))
+    cut = get_spec("lite2-cut2")
+    assert (cut.input_size, cut.grid, cut.channels) == (260, (9, 9), 208)
+
+
+@pytest.mark.slow
+def test_concatenated_and_cut_grids_are_the_parts(dog_paths):
+    """lite0+lite2 is [lite0 at 260 | lite2] by channel; lite2-cutK + its top = lite2, exactly."""
+    import torch
+    x = np.stack([preprocess(load_image(p), get_spec("lite2")) for p in dog_paths[:2]])
+    both = Encoder.load("lite0+lite2", backend="torch").encode(x)
+    lite2 = Encoder.load("lite2", backend="torch").encode(x)
+    with torch.inference_mode():
+        lite0 = pretrained_net("lite0", 260).extract_features(torch.from_numpy(x)).flatten(2).transpose(1, 2)
+    assert both.shape == (2, 81, 2560)
+    assert np.allclose(both[..., 1280:], lite2, atol=1e-5) and np.allclose(both[..., :1280], lite0, atol=1e-5)
+    spec = get_spec("lite2-cut2")
+    low = Encoder.load(spec.name, backend="torch").encode(x)
+    assert low.shape == (2, 81, 208)
+    top = encoder_top(spec).train()  # stays in eval mode: BatchNorm keeps the ImageNet statistics
+    assert not top.training
+    with torch.no_grad():
+        assert np.allclose(top(torch.from_numpy(low)).numpy(), lite2, atol=1e-4)

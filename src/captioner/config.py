@@ -16,7 +16,8 @@ class Config:
     # data
     min_count: int = 5          # words rarer than this in train become <unk>
     max_len: int = 30           # caption tokens kept for training (without <start>/<end>)
-    # encoder (name picks the registry entry; sizes travel so mismatches are caught)
+    # encoder (see features/encoder.py get_spec: "lite2", "lite0+lite2", "lite2-cut2" = fine-tune its top 2
+    # blocks and head; sizes travel so mismatches are caught)
     encoder: str = "lite2"
     feature_dim: int = 1280
     num_regions: int = 81
@@ -36,6 +37,8 @@ class Config:
     grad_clip: float = 5.0
     warmup_steps: int = 200
     label_smoothing: float = 0.0
+    flip_prob: float = 0.0      # train on the mirror image (left/right swapped) this often; needs `features --flip`
+    finetune_lr_scale: float = 0.1  # learning rate of the CNN top of a "-cutK" encoder, relative to lr
     patience: int = 3           # epochs without dev improvement before stopping
     select_metric: str = "cider"  # "cider" or "bleu4", from real greedy decoding on dev
     # "xent": teacher forcing with cross-entropy; "scst": self-critical REINFORCE on CIDEr-D (start from --init)

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from captioner.config import Config
+from captioner.features.encoder import HEAD_CHANNELS, encoder_top, get_spec, spec_parts
 
 # The decoder state threaded through `step`: projected features (B,R,D) and their attention keys
 # (B,R,A), one per image, then h and c (B*K,H), K hypotheses per image (beams; K=1 in training).
@@ -45,8 +46,12 @@ class ShowAttendTell(nn.Module):
         self.vocab_size = vocab_size
         D = config.project_dim
         H = config.decoder_dim
+        # A "-cutK" encoder leaves its top K blocks and head to the model, which fine-tunes them.
+        spec = get_spec(config.encoder)
+        self.top = encoder_top(spec) if any(cut for _, cut in spec_parts(spec)) else None
         # Projecting the 1280-channel grid once per image keeps every per-step product small.
-        self.project = nn.Sequential(nn.Linear(config.feature_dim, D), nn.ReLU(), nn.Dropout(config.dropout))
+        self.project = nn.Sequential(nn.Linear(HEAD_CHANNELS if self.top else config.feature_dim, D), nn.ReLU(),
+                                     nn.Dropout(config.dropout))
         self.attention = Attention(D, H, config.attention_dim)
         self.init_h = nn.Linear(D, H)
         self.init_c = nn.Linear(D, H)
@@ -69,7 +74,7 @@ class ShowAttendTell(nn.Module):
 
     def init_state(self, features: torch.Tensor) -> State:
         """Everything that depends only on the image, computed once per image: (B,R,C) -> State."""
-        values = self.project(features)
+        values = self.project(features if self.top is None else self.top(features))
         keys = self.attention.key(values)
         mean = values.mean(dim=1)
         return values, keys, torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))

@@ -214,7 +214,8 @@ def train(workdir, out, config: Config | None = None, *, init=None, resume: bool
     spec = store.spec
     if (spec.channels, spec.num_regions) != (config.feature_dim, config.num_regions):
         config = config.replace(feature_dim=spec.channels, num_regions=spec.num_regions)
-    train_set = CaptionDataset(store, data, "train", config.max_len)
+    mirrored = FeatureStore.open(workdir, config.encoder, flip=True) if config.flip_prob > 0 else None
+    train_set = CaptionDataset(store, data, "train", config.max_len, mirrored, config.flip_prob, config.seed)
     model = ShowAttendTell(config, len(data.vocab))
     if init and not resuming:
         start = load_checkpoint(init)
@@ -227,7 +228,10 @@ def train(workdir, out, config: Config | None = None, *, init=None, resume: bool
         atomic_write_text(rundir / "config.json", json.dumps(json.loads(config.to_json()), indent=2) + "\n")
 
     net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    cnn = [p for name, p in model.named_parameters() if name.startswith("top.")]  # a "-cutK" encoder's top
+    rest = [p for name, p in model.named_parameters() if not name.startswith("top.")]
+    groups = [{"params": rest, "lr_scale": 1.0}] + ([{"params": cnn, "lr_scale": config.finetune_lr_scale}] * bool(cnn))
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     start_epoch, step, best, bad_epochs, history = 0, 0, -1.0, 0, []
     if resuming:
         meta = load_state(rundir / "state.safetensors", model, optimizer)
@@ -250,6 +254,7 @@ def train(workdir, out, config: Config | None = None, *, init=None, resume: bool
     for epoch in range(start_epoch, config.epochs):
         batches = epoch_batches(lengths, config.batch_size, config.seed, epoch)
         batches = batches[rank::world][:steps_per_epoch]
+        train_set.epoch = epoch
         loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=collate_images,
                                              num_workers=config.num_workers)
         net.train()
@@ -259,7 +264,7 @@ def train(workdir, out, config: Config | None = None, *, init=None, resume: bool
         for batch, (feats, caps, index) in bar:
             feats, caps, index = feats.to(device), caps.to(device), index.to(device)
             for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, total_steps, config)
+                g["lr"] = lr_at(step, total_steps, config) * g.get("lr_scale", 1.0)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                 if scst:
                     ids = [train_set.image_ids[i] for i in batch]

@@ -7,6 +7,7 @@ run functions so `captioner --help` is instant.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 
@@ -58,7 +59,10 @@ def _add_features(sub):
     p = sub.add_parser("features", help="encode every present image once into a feature store")
     p.add_argument("workdir", help="a prepared WORKDIR (from `captioner prepare`)")
     p.add_argument("--images", help="look images up as DIR/<image_id> instead of the prepared paths")
-    p.add_argument("--encoder", default="lite2", help="lite0, lite1 or lite2 (default lite2)")
+    p.add_argument("--encoder", default="lite2",
+                   help="lite0, lite1, lite2 (default), concatenations like lite0+lite2, or lite2-cutK to fine-tune "
+                        "its top K blocks in training")
+    p.add_argument("--flip", action="store_true", help="encode the mirror images (for flip_prob in training)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu", help="cpu, or cuda to encode on a GPU (torch backend)")
@@ -69,7 +73,7 @@ def _run_features(args) -> int:
     from captioner.features.store import build_features
     try:
         s = build_features(args.workdir, images_dir=args.images, encoder=args.encoder, backend=args.backend,
-                           batch_size=args.batch_size, device=args.device)
+                           batch_size=args.batch_size, device=args.device, flip=args.flip)
     except (ValueError, RuntimeError) as e:  # bad workdir, unknown encoder, failed ONNX export
         raise UserError(str(e)) from None
     print(f"{s['store']}: {s['rows']} images stored; encoded {s['encoded']} in {s['seconds']:.1f} s "
@@ -92,12 +96,26 @@ def _add_train(sub):
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int, dest="num_workers", help="DataLoader worker processes")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override one Config field after --config, e.g. --set decoder_dim=1024 --set encoder=lite0")
     p.add_argument("--init", help="checkpoint to start from; its config is the base that --config overrides")
     p.add_argument("--scst", action="store_true",
                    help="self-critical training on CIDEr-D (needs --init; see configs/flickr8k-scst.toml)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.set_defaults(run=_run_train)
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    """"decoder_dim=1024" -> ("decoder_dim", 1024): the value is read as TOML, else taken as a string."""
+    import tomllib
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key.strip(), value
 
 
 def _run_train(args) -> int:
@@ -112,6 +130,10 @@ def _run_train(args) -> int:
         config = Config.from_toml(args.config, base) if args.config else base
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"{args.config}: {e}")
+    try:
+        config = Config.from_dict({**dataclasses.asdict(config), **dict(_parse_override(o) for o in args.overrides)})
+    except (ValueError, TypeError) as e:
+        raise UserError(f"--set: {e}")
     config = config.replace(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             num_workers=args.num_workers, objective="scst" if args.scst else None)
     try:

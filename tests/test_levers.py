@@ -1,0 +1,108 @@
+"""Quality levers in training: mirror-image augmentation and fine-tuning the encoder's top blocks."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import ImageOps
+
+from captioner.apps.api import Captioner
+from captioner.checkpoint import load_checkpoint
+from captioner.config import Config
+from captioner.data.datasets import load_prepared
+from captioner.features.encoder import Encoder, load_image, preprocess
+from captioner.features.store import CaptionDataset, FeatureStore, build_features
+from captioner.train import train
+from test_train import TINY, _train_cmd, assert_killed_and_resumed_equals_straight
+
+
+@pytest.fixture(scope="module")
+def lever_workdir(tiny_workdir, tmp_path_factory):
+    """The tiny dataset with a lite2-cut1 store and the mirror-image stores of lite2 and lite2-cut1."""
+    work = tmp_path_factory.mktemp("levers") / "work"
+    shutil.copytree(tiny_workdir, work)
+    for encoder, flip in (("lite2", True), ("lite2-cut1", False), ("lite2-cut1", True)):
+        build_features(work, encoder=encoder, backend="torch", progress=False, flip=flip)
+    return work
+
+
+def test_mirror_store_holds_the_mirror_images_and_captions_swap_sides(lever_workdir):
+    data = load_prepared(lever_workdir)
+    plain, mirrored = FeatureStore.open(lever_workdir, "lite2"), FeatureStore.open(lever_workdir, "lite2", flip=True)
+    assert mirrored.folder.name == "lite2-flip" and mirrored.ids == plain.ids
+    record = data.split("train")[0]
+    enc = Encoder.load("lite2", backend="torch")
+    img = load_image(record.path)
+    expected = enc.encode(preprocess(ImageOps.mirror(img), enc.spec)[None])[0]
+    assert np.allclose(mirrored.get([record.image_id])[0], expected, atol=2e-2)  # float16 store
+    assert np.abs(mirrored.get([record.image_id]) - plain.get([record.image_id])).mean() > 0.01
+
+    data.tokens[record.image_id] = [["a", "dog", "on", "the", "left", "of", "a", "man", "right"]]
+    data.vocab = type(data.vocab)(list(data.vocab.itos) + sorted({"left", "right", "man"} - set(data.vocab.itos)))
+    never = CaptionDataset(plain, data, "train", mirrored=mirrored, flip_prob=0.0)
+    always = CaptionDataset(plain, data, "train", mirrored=mirrored, flip_prob=1.0)
+    i = never.image_ids.index(record.image_id)
+    (f0, c0), (f1, c1) = never[i], always[i]
+    assert torch.equal(f0, torch.from_numpy(plain.get([record.image_id])[0]))
+    assert torch.equal(f1, torch.from_numpy(mirrored.get([record.image_id])[0]))
+    v = data.vocab
+    words = lambda caps: [v.itos[t] for t in caps[0].tolist() if t > 3]  # noqa: E731 (skip specials)
+    assert words(c0) == ["a", "dog", "on", "the", "left", "of", "a", "man", "right"]
+    assert words(c1) == ["a", "dog", "on", "the", "right", "of", "a", "man", "left"]
+    half = CaptionDataset(plain, data, "train", mirrored=mirrored, flip_prob=0.5, seed=3)
+    flips = [[half.flipped(j) for j in range(len(half))] for half.epoch in range(4)]
+    assert 0 < sum(map(sum, flips)) < 4 * len(half) and flips[0] != flips[1]  # random per epoch, reproducible
+    assert flips == [[half.flipped(j) for j in range(len(half))] for half.epoch in range(4)]
+
+    with pytest.raises(ValueError, match="lite0 --flip"):
+        FeatureStore.open(lever_workdir, "lite0", flip=True)
+
+
+def test_fine_tuned_top_learns_at_its_own_rate_and_captioner_runs_it(lever_workdir, tmp_path):
+    config = Config(**TINY, encoder="lite2-cut1", epochs=2, finetune_lr_scale=0.5, flip_prob=0.5)
+    train(lever_workdir, tmp_path / "run", config, progress=False)
+    ckpt = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert ckpt.config.feature_dim == 208 and ckpt.model.project[0].in_features == 1280
+    from captioner.model import ShowAttendTell
+    fresh = ShowAttendTell(ckpt.config, len(ckpt.vocab)).state_dict()  # the pretrained top
+    tuned = ckpt.model.state_dict()
+    moved = [k for k in tuned if k.startswith("top.") and not torch.equal(tuned[k], fresh[k])]
+    assert any("head" in k for k in moved) and any("blocks" in k for k in moved)
+    # BatchNorm statistics stay the ImageNet ones
+    assert all(torch.equal(tuned[k], fresh[k]) for k in tuned if k.startswith("top.") and "running" in k)
+
+    # the app runs trunk (ONNX) + the model's top and gets what training saw from the store
+    cap = Captioner.load(tmp_path / "run" / "last.safetensors", beam_size=1, int8=False)
+    record = load_prepared(lever_workdir).split("train")[0]
+    store = FeatureStore.open(lever_workdir, "lite2-cut1")
+    from captioner.decode import greedy
+    expected = greedy(ckpt.model, ckpt.vocab, torch.from_numpy(store.get([record.image_id])), max_len=30)[0]
+    live = cap.encoder.encode_images([record.path])
+    assert live.shape == (1, 81, 208) and np.allclose(live, store.get([record.image_id]), atol=2e-2)
+    assert cap.caption(record.path).caption == expected.text
+
+
+def test_fine_tuning_with_flips_resumes_exactly(lever_workdir, tmp_path):
+    assert_killed_and_resumed_equals_straight(tmp_path, lambda out, extra=(): _train_cmd(
+        lever_workdir, out, extra, encoder="lite2-cut1", flip_prob=0.5))
+
+
+def test_flip_prob_needs_the_mirror_store(tiny_workdir, tmp_path):
+    with pytest.raises(ValueError, match="lite2-flip.*--flip"):
+        train(tiny_workdir, tmp_path / "run", Config(**TINY, flip_prob=0.5), progress=False)
+
+
+def test_cli_set_overrides_config_fields(tiny_workdir, tmp_path, capsys):
+    from captioner.apps.cli import main
+    toml = tmp_path / "c.toml"
+    toml.write_text("".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in TINY.items()))
+    out = tmp_path / "run"
+    assert main(["train", str(tiny_workdir), "--out", str(out), "--config", str(toml), "--epochs", "1",
+                 "--set", "decoder_dim=48", "--set", "encoder=lite2", "--set", "flip_prob=0.0"]) == 0
+    config = load_checkpoint(out / "last.safetensors").config
+    assert (config.decoder_dim, config.embed_dim, config.epochs, config.encoder) == (48, 64, 1, "lite2")
+    capsys.readouterr()
+    assert main(["train", str(tiny_workdir), "--out", str(tmp_path / "x"), "--set", "decoder_size=1"]) == 2
+    assert main(["train", str(tiny_workdir), "--out", str(tmp_path / "y"), "--set", "nothing"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --set: unknown config keys: decoder_size", "error: --set: expected KEY=VALUE, got 'nothing'"]
