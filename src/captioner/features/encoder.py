@@ -64,35 +64,40 @@ BASES = {"lite0": (224, 192, 4), "lite1": (240, 192, 5), "lite2": (260, 208, 5)}
 HEAD_CHANNELS = 1280  # what every Lite's last 1x1 conv ("head") gives
 
 
+def _parse(name: str) -> list[tuple[str, int]]:
+    """"lite0+lite2" -> [("lite0", 0), ("lite2", 0)]; "lite2-cut2" -> [("lite2", 2)]; anything else raises."""
+    parts = []
+    for part in name.split("+"):
+        m = re.fullmatch(r"(lite[0-9])(?:-cut([0-9]+))?", part)
+        if not m or m.group(1) not in BASES:
+            raise ValueError(f"unknown encoder {name!r}; known: {', '.join(BASES)}, NAME-cutK, NAME+NAME")
+        blocks = BASES[m.group(1)][2]
+        if m.group(2) is not None and not 1 <= int(m.group(2)) <= blocks:
+            raise ValueError(f"encoder {name!r}: {m.group(1)} has {blocks} blocks on its last grid; cut 1..{blocks}")
+        parts.append((m.group(1), int(m.group(2) or 0)))
+    if len(parts) > 1 and any(cut for _, cut in parts):
+        raise ValueError(f"encoder {name!r}: a cut encoder cannot be concatenated")
+    return parts
+
+
 def get_spec(name: str) -> EncoderSpec:
     """"lite0" | "lite1" | "lite2", optionally
     - "-cutK": the grid K blocks below the head (the captioning model then owns and fine-tunes those
       K blocks and the head; K is at most the number of blocks on the last grid, so the grid is unchanged);
     - "A+B": several encoders run on the same input (the largest of theirs), grids concatenated by channel."""
-    parts = name.split("+")
-    specs = []
-    for part in parts:
-        m = re.fullmatch(r"(lite[0-9])(?:-cut([0-9]+))?", part)
-        if not m or m.group(1) not in BASES:
-            raise ValueError(f"unknown encoder {name!r}; known: {', '.join(BASES)}, NAME-cutK, NAME+NAME")
-        side, width, blocks = BASES[m.group(1)]
-        cut = int(m.group(2) or 0)
-        if not 1 <= cut <= blocks and m.group(2) is not None:
-            raise ValueError(f"encoder {name!r}: {m.group(1)} has {blocks} blocks on its last grid; cut 1..{blocks}")
-        if cut and len(parts) > 1:
-            raise ValueError(f"encoder {name!r}: a cut encoder cannot be concatenated")
-        specs.append((side, width if cut else HEAD_CHANNELS))
-    side = max(s for s, _ in specs)
+    parts = _parse(name)
+    side = max(BASES[base][0] for base, _ in parts)
     g = -(-side // 32)
-    return EncoderSpec(name, side, (g, g), sum(c for _, c in specs))
+    channels = sum(BASES[base][1] if cut else HEAD_CHANNELS for base, cut in parts)
+    return EncoderSpec(name, side, (g, g), channels)
 
 
 ENCODERS: dict[str, EncoderSpec] = {name: get_spec(name) for name in BASES}  # the plain ones
 
 
 def spec_parts(spec: EncoderSpec) -> list[tuple[str, int]]:
-    """[(base name, cut)] of an encoder name: "lite0+lite2" -> [("lite0", 0), ("lite2", 0)]."""
-    return [(p.split("-cut")[0], int(p.split("-cut")[1]) if "-cut" in p else 0) for p in spec.name.split("+")]
+    """[(base name, cut)] of a spec: "lite0+lite2" -> [("lite0", 0), ("lite2", 0)]."""
+    return _parse(spec.name)
 
 
 # -------------------------------------------------------------------------------------------
