@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 DATA ?= ../shared/flickr8k
 WORK ?= work/flickr8k
 
-.PHONY: install test demo bench data features train scst clean
+.PHONY: install axe test demo bench data features train scst clean
 
 install: $(VENV)/.installed
 
@@ -16,7 +16,18 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-test: install
+# axe-core from npm, pinned, for the browser test's WCAG audit (tests/test_browser.py reads it from $(AXE_DIR)).
+# Without npm or the registry the audit is skipped, except under CI, where the test fails instead.
+AXE_VERSION := 4.14.1
+AXE_DIR := build/axe-core
+axe: $(AXE_DIR)/.installed-$(AXE_VERSION)
+
+$(AXE_DIR)/.installed-$(AXE_VERSION):
+	@if command -v npm >/dev/null 2>&1 && rm -rf $(AXE_DIR) && npm install --prefix $(AXE_DIR) --no-save \
+		--no-package-lock --no-audit --no-fund --loglevel=error axe-core@$(AXE_VERSION); then touch $@; \
+	else echo "axe-core $(AXE_VERSION) not installed (needs npm): the browser accessibility audit will skip"; fi
+
+test: install axe
 	$(VENV)/bin/pytest -q
 
 demo: install
@@ -38,6 +49,7 @@ scst: install
 		--config configs/flickr8k-scst.toml
 
 bench: install
+	$(PY) benchmarks/truthfulness.py
 	$(PY) benchmarks/features.py
 	$(PY) benchmarks/decode_speed.py --int8
 	$(PY) benchmarks/latency.py

@@ -23,7 +23,7 @@ from captioner.decode import Ensemble, decode
 from captioner.evaluation.metrics import METRIC_KEYS, score_captions
 from captioner.features.store import FeatureStore
 from captioner.io import atomic_write_json
-from captioner.model import ShowAttendTell, quantize_int8
+from captioner.model import ShowAttendTell, int8_ranges, quantize_int8
 
 
 def main():
@@ -59,7 +59,8 @@ def main():
         ids = [r.image_id for r in records]
         refs = {r.image_id: r.captions for r in records}
         feats = torch.from_numpy(store.get(ids))
-        weights = [("float32", base)] + ([("int8", quantize_int8(base))] if args.int8 else [])
+        ranges = ckpt.meta.get("int8_ranges") or int8_ranges(base, feats[:256].float())
+        weights = [("float32", base)] + ([("int8", quantize_int8(base, ranges))] if args.int8 else [])
         for (kind, model), beam in ((w, b) for w in weights for b in args.beams):
             for norm in args.length_norms if beam > 1 else [0.0]:
                 t = time.perf_counter()

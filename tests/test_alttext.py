@@ -7,6 +7,7 @@ from PIL import Image
 
 from captioner.apps import cli
 from captioner.apps.alttext import alt_from_caption, fill_alt_text
+from captioner.apps.api import CaptionResult
 
 
 class NameCaptioner:
@@ -28,7 +29,7 @@ class NameCaptioner:
                 out.append(ValueError(f"{path}: cannot identify image file"))
                 continue
             caption = self.special.get(path.name, f"a photo coloured {r} {g} {b}")
-            out.append(type("Result", (), {"caption": caption, "score": -1.0, "alternatives": []})())
+            out.append(CaptionResult(caption, -1.0, caption.split()))
         return out
 
 

@@ -1,4 +1,9 @@
-"""End to end: `captioner serve` in a subprocess, the page driven in headless Chromium by Playwright."""
+"""End to end: `captioner serve` in a subprocess, the page driven in headless Chromium by Playwright.
+
+What a person who cannot see the page gets is measured from outside: every change to a live region
+(MutationObserver) and every speechSynthesis.speak call are recorded by init scripts, the tab order is
+walked with the keyboard, and axe-core (npm, pinned in the Makefile) audits WCAG 2.2 A/AA.
+"""
 import os
 import shutil
 import socket
@@ -20,7 +25,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  # a fake camera that grants itself, so the capture path runs too
                  "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
 REPO = Path(__file__).resolve().parents[1]
+AXE_JS = REPO / "build" / "axe-core" / "node_modules" / "axe-core" / "axe.min.js"  # `make axe`
+AXE_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa"]
 PHOTO = "1000268201_693b08cb0e.jpg"
+LIBRARY_PHOTOS = ["1000268201_693b08cb0e.jpg", "1001773457_577c3a7d70.jpg", "1002674143_1b742ab4b8.jpg"]
 
 # Spies on speechSynthesis (headless Chromium has no voices) so the test can see what was spoken.
 SPEECH_SPY = """
@@ -29,6 +37,21 @@ if (window.speechSynthesis) {
   const speak = speechSynthesis.speak.bind(speechSynthesis);
   speechSynthesis.speak = (u) => { window.__spoken.push(u.text); try { speak(u); } catch (e) {} };
 }
+"""
+
+# Records every change inside a live region, as a screen reader is told of it: the region's text when the
+# change is delivered, and whether the region then sat inside an aria-busy container (which AT may ignore).
+LIVE_SPY = """
+window.__live = [];
+const LIVE = '[aria-live]:not([aria-live="off"]), [role=status], [role=alert], [role=log]';
+new MutationObserver((records) => {
+  for (const r of records) {
+    const el = r.target.nodeType === 1 ? r.target : r.target.parentElement;
+    const region = el && el.closest(LIVE);
+    if (region) window.__live.push({ id: region.id, text: region.textContent.trim(),
+                                     busy: !!region.closest('[aria-busy=true]') });
+  }
+}).observe(document, { childList: true, subtree: true, characterData: true });
 """
 
 # Every form control must have an accessible name: a <label>, aria-label(ledby) or its own text.
@@ -50,6 +73,27 @@ CONTRAST = """(sel) => {
   }
   const [a, b] = [lum(rgb(getComputedStyle(el).color)), lum(bg || [255, 255, 255])];
   return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+}"""
+
+# Images on screen that the browser could not decode (shown as a broken-image icon).
+BROKEN_IMAGES = """() => [...document.images]
+  .filter((img) => img.getClientRects().length && img.getAttribute('src') && img.complete && !img.naturalWidth)
+  .map((img) => img.alt || img.src)"""
+
+# Visible elements whose box overlaps the element's own box, other than its ancestors and descendants.
+COVERED_BY = """(sel) => {
+  const me = document.querySelector(sel), a = me.getBoundingClientRect();
+  return [...document.body.querySelectorAll('*')].filter((el) => {
+    if (el === me || el.contains(me) || me.contains(el)) return false;
+    const b = el.getBoundingClientRect();
+    return b.width && b.height && a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;
+  }).map((el) => el.id || el.tagName);
+}"""
+
+AXE_RUN = """async (tags) => {
+  const r = await axe.run(document, { runOnly: { type: 'tag', values: tags } });
+  return { passed: r.passes.length, violations: r.violations.map((v) =>
+    `${v.id} (${v.impact}): ${v.help} at ${v.nodes.map((n) => n.target.join(' ')).join(', ')}`) };
 }"""
 
 
@@ -75,6 +119,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def captioner_command() -> list[str]:
+    exe = Path(sys.executable).with_name("captioner")
+    return [str(exe)] if exe.is_file() else [shutil.which("captioner") or "captioner"]
+
+
 @pytest.fixture(scope="module")
 def chromium():
     if not Path(CHROMIUM).is_file():
@@ -89,14 +138,28 @@ def chromium():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, model_path):
-    exe = Path(sys.executable).with_name("captioner")
-    command = [str(exe)] if exe.is_file() else [shutil.which("captioner") or "captioner"]
+def axe_js() -> Path:
+    if not AXE_JS.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"{AXE_JS}: axe-core missing (required when CI is set; `make axe` installs it)")
+        pytest.skip(f"{AXE_JS}: axe-core missing (`make axe` installs it with npm)")
+    return AXE_JS
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_path, flickr8k_root):
+    """The server with a photo library of three Flickr8k photos, so the page has its search box."""
+    folder = tmp_path_factory.mktemp("library")
+    for name in LIBRARY_PHOTOS:
+        shutil.copy(flickr8k_root / "images" / name, folder / name)
+    db = folder / "library.sqlite"
+    subprocess.run([*captioner_command(), "index", str(folder), "--db", str(db), "--model", str(model_path),
+                    "--no-progress"], check=True, capture_output=True, timeout=300)
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([*command, "serve", "--host", "127.0.0.1", "--port", str(port),
-                                 "--model", str(model_path)],
+        proc = subprocess.Popen([*captioner_command(), "serve", "--host", "127.0.0.1", "--port", str(port),
+                                 "--model", str(model_path), "--db", str(db)],
                                 stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -121,41 +184,134 @@ def server(tmp_path_factory, model_path):
             proc.kill()
 
 
-def test_upload_caption_attention_and_accessibility(chromium, server, flickr8k_root, tmp_path):
-    photo = flickr8k_root / "images" / PHOTO
-    expected = httpx.post(f"{server}/api/caption", files={"file": (PHOTO, photo.read_bytes(), "image/jpeg")},
-                          timeout=60).json()["caption"]
-    page = chromium.new_page(viewport={"width": 1280, "height": 900})
+@pytest.fixture(scope="module")
+def photo(flickr8k_root) -> Path:
+    return flickr8k_root / "images" / PHOTO
+
+
+@pytest.fixture(scope="module")
+def expected(server, photo) -> dict:
+    """The server's answer for PHOTO with the page's own options, and the sentence a person should be told."""
+    body = httpx.post(f"{server}/api/caption", params={"beam": 3, "n_best": 3, "attention": "true"},
+                      files={"file": (PHOTO, photo.read_bytes(), "image/jpeg")}, timeout=60).json()
+    return {**body, "said": body.get("text") or body["caption"]}
+
+
+def open_page(chromium, server, **options):
+    page = chromium.new_page(**{"viewport": {"width": 1280, "height": 900}, **options})
     page.add_init_script(SPEECH_SPY)
+    page.add_init_script(LIVE_SPY)
     errors = watch_errors(page)
     page.goto(server)
-    assert page.get_attribute("#caption", "aria-live") == "polite"
-    assert page.get_attribute("#error", "role") == "alert"
+    return page, errors
+
+
+def said(page, text: str) -> list[dict]:
+    """The live-region changes a screen reader would read out that contain `text`."""
+    return [e for e in page.evaluate("window.__live") if text in e["text"]]
+
+
+def caption_photo(page, photo: Path, text: str) -> None:
+    """Choose the photo and wait until its caption has been announced, plus a moment for any echo."""
+    before = len(said(page, text))
+    page.set_input_files("#file", str(photo))
+    wait_until(page, f"window.__live.filter((e) => e.text.includes({text!r})).length > {before}", 60)
+    page.wait_for_timeout(600)
+
+
+def test_one_announcement_per_caption_speech_by_choice_and_repeat(chromium, server, photo, expected):
+    text = expected["said"]
+    page, errors = open_page(chromium, server)
+    assert not page.is_checked("#speak")  # the page's own voice is opt-in: screen readers already speak
+
+    # the server is slowed down once so that the progress message has time to be announced
+    page.route("**/api/caption*", lambda route: (time.sleep(1), route.continue_()))
+    caption_photo(page, photo, text)
+    page.unroute("**/api/caption*")
+    announced = said(page, text)
+    assert [e["text"] for e in announced] == [text]  # once, as one sentence, in one region
+    region = announced[0]["id"]
+    assert page.get_attribute(f"#{region}", "role") == "status"
+    assert page.get_attribute(f"#{region}", "aria-atomic") == "true"
+    box = page.locator(f"#{region}").bounding_box()
+    assert box is None or box["width"] <= 1 and box["height"] <= 1  # visually hidden
+    assert page.evaluate("window.__spoken") == []
+    assert page.inner_text("#caption").strip() == text  # and shown
+    # progress was announced, and nothing was announced from inside an aria-busy container
+    live = page.evaluate("window.__live")
+    assert any("Writing a caption" in e["text"] for e in live)
+    assert [e for e in live if e["busy"]] == []
+
+    # the same photo again: one more announcement, not one per word
+    caption_photo(page, photo, text)
+    assert len(said(page, text)) == 2
+
+    # Repeat re-announces even with the page's voice off (emptied, then filled: heard although unchanged)
+    page.click("#repeat")
+    wait_until(page, f"window.__live.filter((e) => e.text.includes({text!r})).length === 3", 5)
+    assert page.evaluate("window.__spoken") == []
+
+    # the page's voice is a remembered choice; with it on, each caption is spoken once and Repeat speaks again
+    page.check("#speak")
+    page.reload()
+    assert page.is_checked("#speak")
+    caption_photo(page, photo, text)
+    assert len(said(page, text)) == 1
+    assert page.evaluate("window.__spoken") == [text]
+    page.click("#repeat")
+    wait_until(page, f"window.__live.filter((e) => e.text.includes({text!r})).length === 2", 5)
+    assert page.evaluate("window.__spoken") == [text, text]
+    assert errors == []
+    page.close()
+
+
+def test_keyboard_words_attention_and_failed_upload(chromium, server, photo, expected, tmp_path):
+    text, tokens = expected["said"], expected["tokens"]
+    page, errors = open_page(chromium, server)
+    assert page.evaluate(UNNAMED_CONTROLS) == []
+    caption_photo(page, photo, text)
     assert page.evaluate(UNNAMED_CONTROLS) == []
 
-    # keyboard: every main control is reachable with Tab
-    reached = set()
-    for _ in range(15):
+    # Tab from "Choose a photo" reaches Repeat within 6 stops; all the words together are one stop
+    page.focus("#file")
+    stops = []
+    while page.evaluate("document.activeElement.id") != "repeat" and len(stops) < 20:
         page.keyboard.press("Tab")
-        reached.add(page.evaluate("document.activeElement.id"))
-    assert {"file", "camera-start", "beam", "speak"} <= reached
+        stops.append(page.evaluate("document.activeElement.classList.contains('word') ? 'word'"
+                                   " : document.activeElement.id"))
+    assert stops[-1] == "repeat" and len(stops) <= 6, stops
+    assert stops.count("word") == 1
+    assert {"camera-start", "beam", "speak"} <= set(stops)
 
-    page.set_input_files("#file", str(photo))
-    page.wait_for_selector("#caption .word", timeout=60_000)
-    assert page.inner_text("#caption").strip() == expected
-    assert page.evaluate("window.__spoken") == [expected]
-    assert page.get_attribute("#photo", "alt") == expected
-
-    # focusing a word draws its attention map over the photo
-    page.focus("#caption .word >> nth=1")
+    # the words: a labelled, described toolbar; arrow keys move between them, each shows its attention map
+    page.keyboard.press("Shift+Tab")
+    bar = page.locator("#caption [role=toolbar]")
+    assert bar.get_attribute("aria-label")
+    hint = page.get_attribute("#caption [role=toolbar]", "aria-describedby")
+    assert page.is_visible(f"#{hint}") and "arrow keys" in page.inner_text(f"#{hint}")
+    assert page.locator("#caption .word").count() == len(tokens)
+    assert page.evaluate("document.activeElement.dataset.index") == "0"
+    page.keyboard.press("ArrowRight")
+    assert page.evaluate("document.activeElement.dataset.index") == "1"
+    assert page.evaluate("[...document.querySelectorAll('#caption .word')].map((w) => w.tabIndex)") == \
+        [-1, 0] + [-1] * (len(tokens) - 2)  # roving tabindex: one Tab stop, the word last visited
     assert page.get_attribute("#overlay", "data-word") == "1"
     alpha = page.evaluate("""() => { const c = document.getElementById('overlay');
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
         let lo = 255, hi = 0; for (let i = 3; i < d.length; i += 4) { lo = Math.min(lo, d[i]); hi = Math.max(hi, d[i]); }
         return [c.width, lo, hi]; }""")
     assert alpha[0] > 0 and alpha[2] > alpha[1]  # translucent where attended, darker elsewhere
-    outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
-    assert outline != "none"  # visible focus
+    assert page.evaluate("getComputedStyle(document.activeElement).outlineStyle") != "none"  # visible focus
+    page.keyboard.press("End")
+    assert page.evaluate("document.activeElement.dataset.index") == str(len(tokens) - 1)
+    page.keyboard.press("Home")
+    page.keyboard.press("ArrowRight")
+    # Enter keeps the word's map shown after focus moves on
+    page.keyboard.press("Enter")
+    assert page.get_attribute("#caption .word >> nth=1", "aria-pressed") == "true"
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "repeat"
+    assert page.get_attribute("#overlay", "data-word") == "1"
 
     # the screenshot shows a word with its attention map, for the README
     shot = tmp_path / "page.png"
@@ -163,27 +319,97 @@ def test_upload_caption_attention_and_accessibility(chromium, server, flickr8k_r
     shot.write_bytes(png)
     atomic_write_bytes(REPO / "docs" / "screenshot.png", png)
     print(f"screenshot: {shot}")
-
-    page.click("#repeat")
-    assert page.evaluate("window.__spoken") == [expected, expected]
     for sel in ("h1", ".lede", "#caption .word", "#repeat", "#score", "label[for=file]"):
         assert page.evaluate(CONTRAST, sel) >= 4.5, sel
 
-    # a bad file shows a readable error in the alert region
-    page.set_input_files("#file", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hello"}])
-    wait_until(page, "document.getElementById('error').textContent.includes('notes.txt')")
+    # a file that is no image: a readable alert, outside aria-busy, and no broken (or stale) photo left
+    page.set_input_files("#file", files=[{"name": "fake.jpg", "mimeType": "image/jpeg", "buffer": b"hello"}])
+    wait_until(page, "document.getElementById('error').textContent.includes('fake.jpg')")
+    assert page.evaluate("!!document.getElementById('error').closest('[aria-busy=true]')") is False
+    assert page.evaluate(BROKEN_IMAGES) == []
+    assert page.is_hidden("#stage")
     assert page.inner_text("#caption") == ""
+    assert [e for e in page.evaluate("window.__live") if e["id"] == "error" and "fake.jpg" in e["text"]]
     # the only console error allowed is the browser's note about that 422 response
     assert [e for e in errors if "422" not in e] == []
     page.close()
 
 
+def test_search_results_named_once(chromium, server, expected):
+    page, errors = open_page(chromium, server)
+    page.wait_for_selector("#search-section:not([hidden])")
+    query = expected["caption"]  # any of its words: finds that photo of the library and likely the others
+    hits = httpx.get(f"{server}/api/search", params={"q": query, "limit": 24}).json()["results"]
+    assert hits
+    page.fill("#q", query)
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#search-results li")
+    tree = page.locator("#search-results").aria_snapshot()
+    for hit in hits:
+        # reachable (a link to the photo) and named by its caption exactly once: not also by alt or a figure
+        assert page.get_by_role("link", name=hit["caption"], exact=True).count() >= 1
+        assert tree.count(hit["caption"]) == sum(h["caption"] == hit["caption"] for h in hits), tree
+    assert page.inner_text("#search-status") == f"{len(hits)} photo{'s' if len(hits) != 1 else ''} found"
+    assert errors == []
+    page.close()
+
+
+def test_axe_wcag22_dark_mode_skip_link_and_reflow(chromium, server, photo, expected, axe_js):
+    def audit(page, state):
+        report = page.evaluate(AXE_RUN, AXE_TAGS)
+        assert report["passed"] > 0, state  # the rules really ran
+        assert report["violations"] == [], state
+
+    def open_audited(**options):
+        page, errors = open_page(chromium, server, **options)
+        page.add_init_script(path=str(axe_js))  # an init script, as the page's CSP refuses injected <script>s
+        page.reload()
+        return page, errors
+
+    def search(page):
+        page.fill("#q", expected["caption"])
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#search-results li")
+
+    text = expected["said"]
+    page, errors = open_audited()
+    audit(page, "initial")
+    # the skip link, when shown, covers nothing
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.className") == "skip"
+    assert page.evaluate(COVERED_BY, ".skip") == []
+    audit(page, "skip link shown")
+    caption_photo(page, photo, text)
+    audit(page, "after a caption")
+    search(page)
+    audit(page, "with search results")
+
+    # dark mode: a dark palette, and still no violation (contrast included)
+    page.emulate_media(color_scheme="dark")
+    background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert sum(map(int, background[background.index("(") + 1:-1].split(",")[:3])) < 3 * 64, background
+    audit(page, "dark, with a caption and search results")
+    assert errors == []
+    page.close()
+
+    # 200% zoom of a 1280x900 window (half the CSS pixels, twice the device pixels), and 320 CSS px wide
+    for state, options in (("200% zoom", {"viewport": {"width": 640, "height": 450}, "device_scale_factor": 2}),
+                           ("320 px wide", {"viewport": {"width": 320, "height": 640}})):
+        page, errors = open_audited(**options)
+        caption_photo(page, photo, text)
+        search(page)
+        width = options["viewport"]["width"]
+        assert page.evaluate("document.documentElement.scrollWidth") <= width, state  # no sideways scrolling
+        audit(page, state)
+        assert errors == []
+        page.close()
+
+
 def test_phone_layout_speech_toggle_and_camera(chromium, server, tmp_path):
-    page = chromium.new_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
-    page.add_init_script(SPEECH_SPY)
-    errors = watch_errors(page)
-    page.goto(server)
+    page, errors = open_page(chromium, server, viewport={"width": 390, "height": 844}, is_mobile=True,
+                             has_touch=True)
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
+    page.check("#speak")
     page.uncheck("#speak")
     page.reload()
     assert not page.is_checked("#speak")  # remembered in localStorage
@@ -192,8 +418,10 @@ def test_phone_layout_speech_toggle_and_camera(chromium, server, tmp_path):
     page.wait_for_selector("#camera-capture:not([hidden])", timeout=15_000)
     wait_until(page, "document.getElementById('camera').videoWidth > 0", 15)
     page.click("#camera-capture")
-    page.wait_for_selector("#caption .word", timeout=60_000)
-    assert page.inner_text("#caption").strip()
+    wait_until(page, "document.getElementById('repeat').disabled === false", 60)
+    caption = page.inner_text("#caption").strip()
+    assert caption
+    wait_until(page, f"window.__live.some((e) => e.text === {caption!r})", 5)
     assert page.evaluate("window.__spoken") == []  # speech is off
     page.click("#camera-stop")
     assert page.is_hidden("#camera")

@@ -26,8 +26,8 @@ def run(captioner, monkeypatch, capsys):
     """Run `captioner caption ARGS` through cli.main with the module's model, so it loads only once."""
     loads = []
 
-    def load(path=None, *, backend="auto", beam_size=3, max_len=30, int8=True):
-        loads.append({"path": path, "backend": backend, "beam_size": beam_size, "int8": int8})
+    def load(path=None, *, backend="auto", beam_size=3, max_len=30, int8=True, grounded=True):
+        loads.append({"path": path, "backend": backend, "beam_size": beam_size, "int8": int8, "grounded": grounded})
         return captioner
     monkeypatch.setattr(Captioner, "load", staticmethod(load))
 
@@ -62,11 +62,11 @@ def test_text_output_matches_the_api(run, captioner, tmp_path):
     b = save(photo(1), tmp_path / "b.png")
     rc, out, err = run(a, b, "--beam", 2, "--backend", "torch")
     assert rc == 0, err
-    assert text_lines(out) == {str(a): captioner.caption(a, beam_size=2).caption,
-                               str(b): captioner.caption(b, beam_size=2).caption}
-    assert run.loads[-1] == {"path": None, "backend": "torch", "beam_size": 2, "int8": True}
-    run(a, "--no-int8")
-    assert run.loads[-1]["int8"] is False
+    assert text_lines(out) == {str(a): captioner.caption(a, beam_size=2).text,
+                               str(b): captioner.caption(b, beam_size=2).text}
+    assert run.loads[-1] == {"path": None, "backend": "torch", "beam_size": 2, "int8": True, "grounded": True}
+    run(a, "--no-int8", "--plain")
+    assert run.loads[-1]["int8"] is False and run.loads[-1]["grounded"] is False
 
 
 def test_json_with_n_best(run, captioner, tmp_path):
@@ -75,11 +75,12 @@ def test_json_with_n_best(run, captioner, tmp_path):
     assert rc == 0
     [row] = json.loads(out)
     expected = captioner.caption(a, n_best=3)
-    assert row["path"] == str(a) and row["caption"] == expected.caption
+    assert row["path"] == str(a) and row["caption"] == expected.caption and row["text"] == expected.text
+    assert row["confidence"] == expected.confidence and row["concepts"] == expected.concepts
     assert row["score"] == pytest.approx(expected.score)
     assert row["alternatives"] == expected.alternatives and len(row["alternatives"]) == 3
     rc, out, _ = run(a, "--json")
-    assert "alternatives" not in json.loads(out)[0]
+    assert len(json.loads(out)[0]["alternatives"]) == 1
 
 
 def test_csv_output(run, captioner, tmp_path):
@@ -87,7 +88,9 @@ def test_csv_output(run, captioner, tmp_path):
     rc, out, _ = run(a, "--csv")
     rows = list(csv.DictReader(io.StringIO(out)))
     assert rc == 0 and len(rows) == 1
-    assert rows[0]["path"] == str(a) and rows[0]["caption"] == captioner.caption(a).caption
+    expected = captioner.caption(a)
+    assert rows[0]["path"] == str(a) and rows[0]["caption"] == expected.caption and rows[0]["text"] == expected.text
+    assert rows[0]["tags"] == " ".join(c["word"].replace(" ", "_") for c in expected.concepts)
     rc, out, _ = run(a, "--csv", "--n-best", 2)
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [r["rank"] for r in rows] == ["1", "2"]

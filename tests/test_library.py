@@ -25,6 +25,11 @@ class FakeResult:
     caption: str
     score: float
     alternatives: list = field(default_factory=list)
+    concepts: list = field(default_factory=list)
+
+    @property
+    def text(self) -> str:  # an unhedged description: what the model wrote
+        return self.caption
 
 
 class ColourCaptioner:

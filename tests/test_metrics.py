@@ -1,5 +1,6 @@
 """Metrics: same numbers as pycocoevalcap run directly, corpus-level BLEU, <unk> never matches, no-Java path."""
 import math
+import os
 from collections import Counter
 
 import pytest
@@ -12,7 +13,9 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 from captioner.evaluation import metrics
 from captioner.evaluation.metrics import METRIC_KEYS, ptb_tokenize, score_captions
 
-needs_java = pytest.mark.skipif(not metrics.java_available(), reason="needs java for the reference PTBTokenizer")
+# Under CI (.ci/run installs Java) a missing Java fails these tests instead of skipping them silently.
+needs_java = pytest.mark.skipif(not metrics.java_available() and not os.environ.get("CI"),
+                                reason="needs java for the reference PTBTokenizer")
 
 REFS = {
     "dog.jpg": ["A brown dog runs across the grass .", "A dog is running on a lawn .",

@@ -13,6 +13,7 @@ from PIL import Image
 
 from captioner.apps.server import create_app
 
+LOCAL = "http://127.0.0.1:8000"  # the server checks the Host header; TestClient's default "testserver" is no name of it
 TRAIN_IMAGES = ["1000268201_693b08cb0e.jpg", "1001773457_577c3a7d70.jpg", "1002674143_1b742ab4b8.jpg",
                 "1003163366_44323f5815.jpg", "1007129816_e794419615.jpg"]
 
@@ -32,7 +33,7 @@ def photos(flickr8k_root) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def client(captioner):
-    with TestClient(create_app(captioner, max_upload_mb=1)) as c:
+    with TestClient(create_app(captioner, max_upload_mb=1), base_url=LOCAL) as c:
         yield c
 
 
@@ -146,7 +147,7 @@ class GatedCaptioner:
 
 def test_health_answers_while_busy_and_requests_are_batched(captioner, photos):
     gated = GatedCaptioner(captioner)
-    with TestClient(create_app(gated, batch_wait_ms=1)) as client:
+    with TestClient(create_app(gated, batch_wait_ms=1), base_url=LOCAL) as client:
         results = {}
 
         def post(i, data):
@@ -200,12 +201,13 @@ def test_library_search_and_images(captioner, photos, tmp_path):
     db = tmp_path / "lib.sqlite"
     index_folder(folder, db, captioner)
     word = max(captioner.caption(photos[0]).tokens, key=len)  # a content word of that photo's caption
-    with TestClient(create_app(captioner, db=db)) as client:
+    with TestClient(create_app(captioner, db=db), base_url=LOCAL) as client:
         assert client.get("/api/health").json()["search"] is True
         hits = client.get("/api/search", params={"q": word}).json()["results"]
         assert hits and any(word in h["caption"] for h in hits)
+        assert hits[0]["path"].startswith("photos/")  # relative to the indexed folder: no host paths
         image = client.get("/api/library/image", params={"path": hits[0]["path"]})
-        assert image.status_code == 200 and image.content == Path(hits[0]["path"]).read_bytes()
+        assert image.status_code == 200 and image.content == (tmp_path / hits[0]["path"]).read_bytes()
         # real files that are not in the library are refused
         for outside in (str(photos[4]), "/etc/passwd", str(db)):
             r = client.get("/api/library/image", params={"path": outside})

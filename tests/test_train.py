@@ -55,9 +55,9 @@ def test_tiny_model_overfits_real_captions(tiny_workdir, tmp_path):
 
 
 def _train_cmd(work, out, extra=(), init=None, **changes):
-    code = ("import sys; from captioner.config import Config; from captioner.train import train; "
+    code = ("import os, sys; from captioner.config import Config; from captioner.train import train; "
             f"train(sys.argv[1], sys.argv[2], Config(**{TINY!r}, epochs=3, seed=7).replace(**{changes!r}), "
-            f"init={str(init) if init else None!r}, resume=True, "
+            f"init={str(init) if init else None!r}, resume=os.path.exists(sys.argv[2]), "
             "progress=False, stop_after_steps=int(sys.argv[3]) if len(sys.argv) > 3 else None)")
     return [sys.executable, "-c", code, str(work), str(out), *extra]
 

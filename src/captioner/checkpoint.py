@@ -23,6 +23,9 @@ def default_model_path() -> Path:
     return Path(__file__).resolve().parent / "assets" / "flickr8k-sat.safetensors"
 
 
+GROUNDING_PREFIX = "grounding."  # tensors of the concept and evidence heads (grounding.py), when the model has them
+
+
 @dataclass
 class Checkpoint:
     model: ShowAttendTell
@@ -30,20 +33,27 @@ class Checkpoint:
     config: Config
     meta: dict
     path: Path
+    grounding: "Grounding | None" = None  # None in checkpoints from before grounding: plain captions
 
 
 def save_checkpoint(path, model: ShowAttendTell, vocab: Vocabulary, config: Config, meta: dict,
-                    dtype: torch.dtype | None = None) -> None:
-    """Write atomically; `dtype=torch.float16` halves the size of a shipped model."""
+                    dtype: torch.dtype | None = None, grounding=None) -> None:
+    """Write atomically; `dtype=torch.float16` halves the size of a shipped model. `grounding` (a
+    grounding.Grounding) travels in the same file, its settings in the header."""
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    state = dict(model.state_dict())
+    if grounding is not None:
+        state.update({GROUNDING_PREFIX + k: v for k, v in grounding.state_dict().items()})
     tensors = {}
-    for k, v in model.state_dict().items():
+    for k, v in state.items():
         v = v.detach().cpu()
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
         tensors[k] = v.contiguous().clone()  # clone: tied weights must not share storage in safetensors
     header = {"format": FORMAT, "config": config.to_json(), "vocab": json.dumps(vocab.to_dict()),
               "meta": json.dumps(meta)}
+    if grounding is not None:
+        header["grounding"] = json.dumps(grounding.settings_dict())
     atomic_write_bytes(path, st_save(tensors, metadata=header))
 
 
@@ -64,6 +74,34 @@ def read_header(path) -> dict:
     return header
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_weights(path, state: dict, expected: dict) -> None:
+    """Refuse, in one line naming the file and the tensor, weights that would load but caption garbage:
+    a missing, extra or misshapen tensor, an integer dtype where the model has floats (int8 weights cast
+    to float are nonsense), or a NaN/inf value (every request would fail)."""
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ValueError(f"{path}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise ValueError(f"{path}: tensor {extra[0]} is not part of the model ({len(extra)} unexpected in all)")
+    for key, want in expected.items():
+        t = state[key]
+        if tuple(t.shape) != tuple(want.shape):
+            raise ValueError(f"{path}: tensor {key} has shape {list(t.shape)}, the model needs {list(want.shape)}")
+        if want.is_floating_point():
+            if t.dtype not in FLOAT_DTYPES:
+                raise ValueError(f"{path}: tensor {key} is {str(t.dtype).removeprefix('torch.')}; "
+                                 "expected float16, bfloat16 or float32")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{path}: tensor {key} holds NaN or infinite values")
+        elif t.dtype != want.dtype:
+            raise ValueError(f"{path}: tensor {key} is {str(t.dtype).removeprefix('torch.')}; "
+                             f"expected {str(want.dtype).removeprefix('torch.')}")
+
+
 def load_checkpoint(path=None, device: str | torch.device = "cpu") -> Checkpoint:
     path = Path(path) if path is not None else default_model_path()
     header = read_header(path)
@@ -76,9 +114,28 @@ def load_checkpoint(path=None, device: str | torch.device = "cpu") -> Checkpoint
     model = ShowAttendTell(config, len(vocab))
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
-            state = {k: f.get_tensor(k).float() for k in f.keys()}
-        model.load_state_dict(state)
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        heads = {k.removeprefix(GROUNDING_PREFIX): state.pop(k) for k in list(state) if k.startswith(GROUNDING_PREFIX)}
+        check_weights(path, state, model.state_dict())
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     except (SafetensorError, RuntimeError) as e:
-        raise ValueError(f"{path}: weights do not fit the model its header describes ({e})") from None
+        raise ValueError(f"{path}: weights do not fit the model its header describes "
+                         f"({' '.join(str(e).split())[:300]})") from None
     model.to(device).eval()
-    return Checkpoint(model, vocab, config, meta, path)
+    return Checkpoint(model, vocab, config, meta, path, _load_grounding(path, header, heads))
+
+
+def _load_grounding(path, header: dict, heads: dict):
+    if not heads:
+        return None
+    from captioner.grounding import Grounding, GroundingSettings
+    try:
+        settings = GroundingSettings(**json.loads(header.get("grounding", "{}")))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: damaged grounding settings in the header ({e})") from None
+    g = Grounding(settings=settings)
+    expected = g.state_dict()
+    check_weights(path, {GROUNDING_PREFIX + k: v for k, v in heads.items()},
+                  {GROUNDING_PREFIX + k: v for k, v in expected.items()})
+    g.load_state_dict({k: v.to(expected[k].dtype) for k, v in heads.items()})
+    return g.eval()

@@ -88,8 +88,9 @@ def _block_repeated_trigrams(logp: torch.Tensor, seqs: list[list[int]]) -> None:
 @torch.no_grad()
 def greedy(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, max_len: int = 30,
            min_len: int = 1, suppress_unk: bool = True, block_trigrams: bool = True,
-           block_bad_endings: bool = True) -> list[Caption]:
-    """The most likely word at every step. Plain and fast; used for dev scoring during training."""
+           block_bad_endings: bool = True, bias: torch.Tensor | None = None) -> list[Caption]:
+    """The most likely word at every step. Plain and fast; used for dev scoring during training.
+    `bias` (B, V) is added to each image's word log-probabilities (grounding.Grounding.word_bias)."""
     model.eval()
     B = features.size(0)
     state = model.init_state(features)
@@ -103,6 +104,8 @@ def greedy(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, 
         logp = torch.log_softmax(logits.float(), dim=1).masked_fill_(
             banned_words(vocab, logits.size(1), tokens, t >= min_len, suppress_unk=suppress_unk, bad_ends=bad_ends),
             -float("inf"))
+        if bias is not None:
+            logp += bias.to(logp.device)[alive]
         if block_trigrams:
             _block_repeated_trigrams(logp, [seqs[i] for i in alive])
         best, words = logp.max(dim=1)
@@ -124,13 +127,13 @@ def greedy(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, 
 def decode(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, beam_size: int = 1,
            max_len: int = 30, min_len: int = 1, n_best: int = 1, length_norm: float = 0.0,
            suppress_unk: bool = True, block_trigrams: bool = True, block_bad_endings: bool = True,
-           return_attention: bool = False) -> list[list[Caption]]:
+           return_attention: bool = False, bias: torch.Tensor | None = None) -> list[list[Caption]]:
     """Beam search over a batch of images; returns, per image, the n best captions best first.
 
     A hypothesis ends when it emits <end>; an image is done once it has `beam_size` ended ones.
     If none ended within max_len, its best unfinished hypotheses are returned, so every image gets a
     caption of at least `min_len` words. `length_norm` a ranks by score / (words + 1) ** a (0 = raw
-    log-probability).
+    log-probability). `bias` (B, V) is added to each image's word log-probabilities (grounded decoding).
     """
     model.eval()
     K, V, dev = beam_size, model.vocab_size, features.device
@@ -157,6 +160,8 @@ def decode(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, 
         logp = torch.log_softmax(logits.float(), dim=1).masked_fill_(
             banned_words(vocab, logits.size(1), tokens, t >= min_len, suppress_unk=suppress_unk, bad_ends=bad_ends),
             -float("inf"))
+        if bias is not None:
+            logp += bias.to(dev)[images].repeat_interleave(K, 0)
         if block_trigrams and t >= 2:
             _block_repeated_trigrams(logp, seqs.tolist())
         total = (beam_scores.view(-1, 1) + logp).view(len(images), K * V)

@@ -8,12 +8,18 @@ from pathlib import Path
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: readers never see half a file."""
-    path = Path(path)
+    """Write to a temporary file in the same folder, fsync, then rename: readers never see half a file.
+    A symlink is written through (its target is replaced, the link stays a link), and a file that already
+    exists keeps its permission bits."""
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o644  # mkstemp makes 0600; new outputs are meant to be shared
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
+        os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

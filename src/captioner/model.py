@@ -116,19 +116,85 @@ class ShowAttendTell(nn.Module):
         return self(features, captions, image_index)[1]
 
 
-def quantize_int8(model: ShowAttendTell) -> nn.Module:
-    """A copy with int8 Linear and LSTMCell weights (dynamic quantisation: activations stay float).
-    At batch 1 a decoder step is bound by reading ~7 M weights, so int8 decodes several times faster on a
-    CPU; `benchmarks/levers.py --int8` measures what it costs on dev (a few ten-thousandths of CIDEr-D)."""
+class _FixedRange(nn.Module):
+    """A dynamically quantised layer made batch-independent. PyTorch's dynamic int8 picks the activation scale
+    from the min and max of the whole batch, so one photo's caption changed with the other photos in its batch.
+    Here every input is clipped to a fixed [lo, hi] and one extra row spanning exactly [lo, hi] joins the batch:
+    the scale is then the same for every batch, the int8 products are exact, and each row's result depends on
+    that row alone."""
+
+    def __init__(self, layer: nn.Module, lo: float, hi: float, h_range: tuple[float, float] | None = None):
+        super().__init__()
+        self.layer, self.lo, self.hi, self.h_range = layer, lo, hi, h_range
+        width = layer.input_size if h_range else layer.in_features
+        self.anchor = self._anchor(width, lo, hi)
+        if h_range:
+            self.h_anchor = self._anchor(layer.hidden_size, *h_range)
+            self.c_anchor = torch.zeros(1, layer.hidden_size)
+
+    @staticmethod
+    def _anchor(width: int, lo: float, hi: float) -> torch.Tensor:
+        row = torch.zeros(1, width)
+        row[0, 0], row[0, -1] = lo, hi
+        return row
+
+    def forward(self, x, state=None):
+        if x.dim() != 2:  # (B, R, C) grids
+            return self(x.reshape(-1, x.size(-1))).reshape(*x.shape[:-1], -1)
+        if self.lo != -1 or self.hi != 1:  # inputs in [-1, 1] are tanh/sigmoid outputs: in range already
+            x = x.clamp(self.lo, self.hi)
+        x = torch.cat([x, self.anchor])
+        if state is None:  # Linear
+            return self.layer(x)[:-1]
+        h, c = state  # LSTMCell: the hidden state (tanh output, already in range) gets its own anchor
+        h, c = self.layer(x, (torch.cat([h, self.h_anchor]), torch.cat([c, self.c_anchor])))
+        return h[:-1], c[:-1]
+
+
+def int8_ranges(model: ShowAttendTell, features: torch.Tensor) -> dict:
+    """The fixed activation range of the LSTM input (word embedding and attended context), measured on some
+    training grids (B, R, C) with a 25% margin. Saved in the checkpoint's metadata by tools/ship_model.py."""
+    with torch.no_grad():
+        values = model.init_state(features)[0]
+        emb = model.embed.weight.detach()
+    return {"lstm_lo": float(min(emb.min(), 0)) * 1.25, "lstm_hi": float(max(emb.max(), values.max())) * 1.25}
+
+
+def quantize_int8(model: ShowAttendTell, ranges: dict | None = None) -> nn.Module:
+    """A copy whose Linear and LSTMCell layers run with int8 weights.
+
+    At batch 1 a decoder step is bound by reading ~7 M weights, so int8 decodes several times faster on a CPU.
+    Activations are quantised over fixed ranges (_FixedRange): tanh/sigmoid outputs lie in [-1, 1], the grid in
+    [0, 6], the LSTM input and the projected grid in `ranges` (int8_ranges), so captions never depend on the
+    batch. Without `ranges` (a checkpoint from before they were saved) the float model is returned: exact,
+    slower."""
     import copy
     import warnings
+    if not ranges:
+        return model
     # torch.ao quantisation is deprecated in favour of torchao, which has no int8 LSTMCell; the pinned
     # torch 2.13 still has it, and tests/test_api.py fails if that ever changes.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         from torch.ao.quantization import quantize_dynamic
-        return quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear, nn.LSTMCell}, dtype=torch.qint8)
+        q = copy.deepcopy(model).eval()
+        # input ranges: tanh/sigmoid outputs in [-1, 1]; the grid is ReLU6 output in [0, 6]; the projected grid
+        # is ReLU output, bounded like the LSTM input. attention.score (256 -> 1) stays float: quantising its
+        # (B*K*R, 256) input every step costs more than its 256 weights save.
+        values = (0.0, ranges["lstm_hi"])
+        layers = {"attention.query": (-1, 1), "beta": (-1, 1), "out": (-1, 1), "attention.key": values,
+                  "init_h": values, "init_c": values}
+        if q.top is None:
+            layers["project.0"] = (0.0, 6.0)
+        for name, (lo, hi) in layers.items():
+            parent, _, attr = name.rpartition(".")
+            owner = q.get_submodule(parent) if parent else q
+            setattr(owner, attr, _FixedRange(quantize_dynamic(nn.Sequential(getattr(owner, attr)), {nn.Linear},
+                                                              dtype=torch.qint8)[0], lo, hi))
+        lstm = quantize_dynamic(nn.Sequential(q.lstm), {nn.LSTMCell}, dtype=torch.qint8)[0]
+        q.lstm = _FixedRange(lstm, ranges["lstm_lo"], ranges["lstm_hi"], h_range=(-1.0, 1.0))
+        return q
 
 
 def caption_loss(logits, alphas, captions, config: Config, pad_id: int = 0):

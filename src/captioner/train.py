@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from tqdm import tqdm
 
@@ -123,17 +123,26 @@ def save_state(path: Path, model, optimizer, epoch: int, step: int, best: float,
 
 
 def load_state(path: Path, model, optimizer) -> dict:
-    with safe_open(str(path), framework="pt") as f:
-        meta = {k: json.loads(v) for k, v in f.metadata().items()}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict = {}
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, i, name = key.split(".", 2)
-            state.setdefault(int(i), {})[name] = v
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
+    """Restore what save_state wrote; a damaged or truncated file is one ValueError naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        state: dict = {}
+        for key, v in tensors.items():
+            if key.startswith("opt."):
+                _, i, name = key.split(".", 2)
+                state.setdefault(int(i), {})[name] = v
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        torch.set_rng_state(tensors["rng.torch"])
+        missing = [k for k in ("epoch", "step", "best", "bad_epochs", "history") if k not in meta]
+        if missing:
+            raise KeyError(f"no {missing[0]!r} in its header")
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ValueError(f"{path}: damaged training state, cannot resume ({type(e).__name__}: {reason}); "
+                         "pass --force to start afresh") from None
     return meta
 
 
@@ -173,10 +182,39 @@ def write_logs(rundir: Path, history: list[dict]) -> None:
 
 # --- the loop --------------------------------------------------------------------------------------
 
+RUN_OUTPUTS = ("state.safetensors", "last.safetensors", "best.safetensors", "log.csv")
+
+
+def _check_run_folder(rundir: Path, resume: bool, force: bool) -> bool:
+    """Whether to resume. A run's outputs are never overwritten by mistake: --resume needs a resumable
+    state, and a fresh start in a folder that holds a run needs --force."""
+    state = rundir / "state.safetensors"
+    outputs = [n for n in RUN_OUTPUTS if (rundir / n).exists()]
+    if resume and state.exists():
+        if not (rundir / "config.json").is_file():
+            raise ValueError(f"{rundir / 'config.json'}: missing, so the run cannot be resumed")
+        return True
+    if force:
+        return False
+    if resume and not rundir.exists():
+        raise ValueError(f"{rundir}: no such run folder to resume (leave out --resume to start a new run)")
+    if resume:
+        raise ValueError(f"{state}: missing, nothing to resume"
+                         + (f" ({', '.join(outputs)} would be overwritten)" if outputs else "")
+                         + "; pass --force to start afresh in this folder")
+    if outputs:
+        raise ValueError(f"{rundir}: already holds a training run ({', '.join(outputs)}); pass --resume to "
+                         "continue it, --force to start afresh over it, or choose another --out")
+    return False
+
+
 def train(workdir, out, config: Config | None = None, *, init=None, resume: bool = False,
-          device: str | None = None, progress: bool = True, stop_after_steps: int | None = None) -> dict:
+          device: str | None = None, progress: bool = True, stop_after_steps: int | None = None,
+          force: bool = False) -> dict:
     """Train on WORKDIR's train split; select on dev. Returns the best dev scores.
     `init` is a checkpoint to start from (required for config.objective == "scst").
+    `resume` continues the run in `out` (refused when it has no state.safetensors); `force` starts afresh
+    in a folder that holds a run, overwriting it.
     `stop_after_steps` ends the run abruptly after that many optimiser steps (for tests of resume)."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
@@ -190,12 +228,13 @@ def train(workdir, out, config: Config | None = None, *, init=None, resume: bool
     main = rank == 0
     rundir = Path(out)
 
-    resuming = resume and (rundir / "state.safetensors").exists()
+    resuming = _check_run_folder(rundir, resume, force)
     if resuming:  # the run's own config wins; only the number of epochs may be extended
-        saved = Config.from_json((rundir / "config.json").read_text())
+        try:
+            saved = Config.from_json((rundir / "config.json").read_text())
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(f"{rundir / 'config.json'}: unreadable, so the run cannot be resumed ({e})") from None
         config = saved.replace(epochs=config.epochs if config else None)
-    elif (rundir / "state.safetensors").exists():
-        raise ValueError(f"{rundir}: already holds a training run; pass --resume or choose another --out")
     config = config or Config()
     if config.objective not in ("xent", "scst") or config.scst_baseline not in ("mean", "greedy"):
         raise ValueError(f"objective must be 'xent' or 'scst' and scst_baseline 'mean' or 'greedy', not "

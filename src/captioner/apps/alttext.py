@@ -3,16 +3,22 @@
 Only the bytes of alt attributes change: html.parser finds the <img> start tags and their positions, a small
 tokenizer (the same attribute grammar html.parser uses) finds the alt attribute's span inside the raw tag,
 and everything else in the page is copied through byte for byte. The page is decoded as UTF-8 with
-surrogateescape, so pages in other ASCII-compatible encodings round-trip exactly too; inserted text is
+surrogateescape, so pages in other ASCII-compatible encodings round-trip exactly too (a UTF-16 or UTF-32
+byte-order mark selects that encoding instead, and the page is written back in it); inserted text is
 HTML-escaped and written as pure ASCII (character references for anything else) for the same reason.
 
 Rules: an alt attribute that is missing, empty or only whitespace gets the caption; existing alt text is
-left alone; only images whose src is a local file relative to the page are captioned (http(s), data:,
-protocol-relative //host and other schemes are skipped); an image that is missing or cannot be read is
-reported (one line naming the file) and its tag left untouched.
+left alone; only images whose src is a local file relative to the page and inside its folder (or `root`)
+are captioned (http(s), data:, protocol-relative //host, other schemes and paths that lead out of the
+folder, symlinks included, are skipped); images marked decorative (role="presentation" or "none",
+aria-hidden="true") are left alone; <img> text inside raw-text elements (<textarea>, <title>, <xmp>,
+<iframe>, <noembed>, <noframes>, <plaintext>, as well as <script> and <style>) is text, not an image, and is
+never touched; an image that is missing or cannot be read is reported (one line naming the file) and its
+tag left untouched.
 """
 from __future__ import annotations
 
+import codecs
 import html
 import re
 from dataclasses import dataclass, field
@@ -36,12 +42,18 @@ class AltTextReport:
     data: bytes                                                  # the page after filling, bytes as written
     filled: list[tuple[str, str]] = field(default_factory=list)  # (src, alt text inserted)
     kept: int = 0                                                # images that already had alt text
+    decorative: int = 0                                          # marked decorative: left alone
     skipped: list[str] = field(default_factory=list)             # remote or src-less images, one line each
     errors: list[str] = field(default_factory=list)              # unreadable images, one line each naming the file
 
 
 class _ImgFinder(HTMLParser):
     """Collects (offset of '<', raw start tag text, attrs) of every <img> tag, in document order."""
+
+    # Elements whose content browsers read as text up to their end tag (raw text and escapable raw text):
+    # an "<img>" inside them is not an image. html.parser only knows script and style by itself.
+    CDATA_CONTENT_ELEMENTS = ("script", "style", "textarea", "title", "xmp", "iframe", "noembed", "noframes",
+                              "plaintext")
 
     def __init__(self, text: str):
         super().__init__(convert_charrefs=True)
@@ -87,25 +99,61 @@ def _local_file(src: str, page_dir: Path) -> Path | str:
     return page_dir / unquote(parts.path)
 
 
+def _inside(target: Path, root: Path) -> bool:
+    """Whether the file a path leads to (symlinks and .. resolved) lies inside root."""
+    try:
+        return target.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
+
+
+def _is_decorative(attr: dict) -> bool:
+    role = (attr.get("role") or "").strip().lower().split()
+    return (role[:1] in (["presentation"], ["none"])
+            or (attr.get("aria-hidden") or "").strip().lower() == "true")
+
+
+# Byte-order marks of the encodings that are not ASCII-compatible (UTF-32 first: its LE mark starts
+# with UTF-16's). Anything else is read as UTF-8 with surrogateescape.
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
+         (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+
+
+def _decode_page(raw: bytes, page: Path) -> tuple[str, bytes, str, str]:
+    """(text, byte-order mark, encoding, error handler) that round-trip the page's bytes exactly."""
+    for bom, encoding in _BOMS:
+        if raw.startswith(bom):
+            try:
+                return raw[len(bom):].decode(encoding, "surrogatepass"), bom, encoding, "surrogatepass"
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{page}: starts with a {encoding.upper()} byte-order mark but is not valid "
+                                 f"{encoding.upper()} at byte {e.start + len(bom)}") from None
+    return raw.decode("utf-8", "surrogateescape"), b"", "utf-8", "surrogateescape"
+
+
 def alt_from_caption(caption: str) -> str:
     """Captions are lower-case word lists; alt text reads better as a sentence."""
     caption = caption.strip()
     return caption[:1].upper() + caption[1:] + ("" if caption.endswith((".", "!", "?")) else ".") if caption else ""
 
 
-def fill_alt_text(html_path, out_path=None, captioner=None, *, beam_size: int = 3) -> AltTextReport:
+def fill_alt_text(html_path, out_path=None, captioner=None, *, beam_size: int = 3, root=None) -> AltTextReport:
     """Fill the missing or empty alt attributes of local images in `html_path`.
 
     Returns an AltTextReport whose .data is the new page; when `out_path` is given the page is also written
-    there atomically (out_path may equal html_path to edit in place). `captioner` is a captioner.Captioner;
-    None loads the shipped model, and only if some image needs a caption.
+    there atomically (out_path may equal html_path to edit in place; a symlink is written through and an
+    existing file keeps its mode). Only images inside `root` (default: the page's folder) are read.
+    `captioner` is a captioner.Captioner; None loads the shipped model, and only if some image needs a caption.
     """
     html_path = Path(html_path)
+    root = Path(root) if root is not None else html_path.parent
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root}: --root is not a folder")
     try:
         raw_bytes = html_path.read_bytes()
     except OSError as e:
         raise FileNotFoundError(f"{html_path}: cannot read page ({e.strerror or e})") from None
-    text = raw_bytes.decode("utf-8", errors="surrogateescape")
+    text, bom, encoding, errors = _decode_page(raw_bytes, html_path)
     finder = _ImgFinder(text)
     finder.feed(text)
     finder.close()
@@ -118,12 +166,18 @@ def fill_alt_text(html_path, out_path=None, captioner=None, *, beam_size: int = 
         if alt is not None and alt.strip():
             report.kept += 1
             continue
+        if _is_decorative(attr):  # its empty or missing alt is deliberate: screen readers skip it
+            report.decorative += 1
+            continue
         if src is None:
             report.skipped.append(f"{html_path}: <img> without src at offset {offset}: left alone")
             continue
         target = _local_file(src, html_path.parent)
         if isinstance(target, str):
             report.skipped.append(f"{html_path}: {src[:80]}: {target}: left alone")
+            continue
+        if not _inside(target, root):
+            report.skipped.append(f"{html_path}: {src[:80]}: outside {root} (pass --root to allow): left alone")
             continue
         span = _alt_span(raw)
         if span is False or text[offset:offset + len(raw)] != raw:
@@ -153,7 +207,7 @@ def fill_alt_text(html_path, out_path=None, captioner=None, *, beam_size: int = 
         if isinstance(res, Exception):
             report.errors.append(f"{error_line(target, res)}: left alone")
             continue
-        alt = alt_from_caption(res.caption)
+        alt = alt_from_caption(res.text)
         # ASCII-only insertion keeps the page valid in whatever ASCII-compatible charset it declares
         attr_text = 'alt="' + html.escape(alt, quote=True).encode("ascii", "xmlcharrefreplace").decode() + '"'
         if span is None:  # no alt at all: insert right after the tag name
@@ -165,7 +219,7 @@ def fill_alt_text(html_path, out_path=None, captioner=None, *, beam_size: int = 
         report.filled.append((src, alt))
     report.filled.reverse()  # back to document order
     report.errors.sort()
-    report.data = text.encode("utf-8", errors="surrogateescape")
+    report.data = bom + text.encode(encoding, errors)
     if out_path is not None:
         atomic_write_bytes(out_path, report.data)
     return report

@@ -21,15 +21,25 @@ from captioner.model import quantize_int8
 
 @dataclass
 class CaptionResult:
+    """One photo's description. `caption` is the model's sentence; `text` is what to show or say to a person:
+    the caption, "Probably ..." when its confidence is low, "Image may contain: ..." when it is very low."""
     caption: str
     score: float
     tokens: list[str]
     alternatives: list[dict] = field(default_factory=list)  # [{"caption", "score"}], best first
     attention: np.ndarray | None = None  # (len(tokens), gh, gw): where the model looked for each word
     source: str | None = None
+    text: str = ""
+    confidence: float | None = None  # evidence of the least supported object named (grounding.py); None: no heads
+    concepts: list[dict] = field(default_factory=list)  # [{"word", "p"}]: what the photo evidently shows
+
+    def __post_init__(self):
+        self.text = self.text or self.caption
 
     def to_dict(self, attention: bool = False) -> dict:
-        d = {"caption": self.caption, "score": self.score, "tokens": self.tokens,
+        """The one serialisation: JSON output, the server, the library rows."""
+        d = {"text": self.text, "caption": self.caption, "confidence": self.confidence,
+             "concepts": self.concepts, "score": self.score, "tokens": self.tokens,
              "alternatives": self.alternatives, "source": self.source}
         if attention and self.attention is not None:
             d["attention"] = np.round(self.attention, 4).tolist()
@@ -55,34 +65,49 @@ def _name(src) -> str | None:
 class Captioner:
     """A trained checkpoint plus the image encoder it was trained with."""
 
-    def __init__(self, checkpoint: Checkpoint, encoder: Encoder, *, beam_size: int = 3, max_len: int = 30,
-                 int8: bool = True):
-        if encoder.spec.name != checkpoint.config.encoder:
+    def __init__(self, checkpoint: Checkpoint, encoder: Encoder | None = None, *, beam_size: int = 3,
+                 max_len: int = 30, int8: bool = True, grounded: bool = True, backend: str = "auto"):
+        """`encoder` None loads the checkpoint's encoder (with `backend`) when the first image needs it: a
+        caller with cached grids (`evaluate` on a feature store) never pays for it."""
+        if encoder is not None and encoder.spec.name != checkpoint.config.encoder:
             raise ValueError(f"{checkpoint.path}: model was trained on {checkpoint.config.encoder} features, "
                              f"encoder is {encoder.spec.name}")
-        self.checkpoint, self.encoder = checkpoint, encoder
-        self.model = quantize_int8(checkpoint.model) if int8 else checkpoint.model
-        self.vocab, self.int8 = checkpoint.vocab, int8
+        self.checkpoint, self._encoder, self._backend = checkpoint, encoder, backend
+        self.spec = get_spec(checkpoint.config.encoder)
+        # int8 needs the activation ranges measured when the model shipped; older checkpoints decode in float
+        ranges = checkpoint.meta.get("int8_ranges")
+        self.int8 = bool(int8 and ranges)
+        self.model = quantize_int8(checkpoint.model, ranges) if self.int8 else checkpoint.model
+        self.vocab = checkpoint.vocab
         self.beam_size, self.max_len = beam_size, max_len
+        # the concept and evidence heads, when the checkpoint has them (grounding.py); False: plain captions
+        self.grounding = checkpoint.grounding if grounded else None
 
     @classmethod
     def load(cls, path=None, *, backend: str = "auto", beam_size: int = 3, max_len: int = 30,
-             int8: bool = True) -> "Captioner":
+             int8: bool = True, grounded: bool = True) -> "Captioner":
         """`path` None loads the shipped Flickr8k model; `backend` picks onnxruntime or torch for the CNN;
-        `int8` decodes with int8 weights (several times faster at batch 1; False: the float weights)."""
+        `int8` decodes with int8 weights (several times faster at batch 1; False: the float weights);
+        `grounded` False ignores the model's concept and evidence heads (plain Show, Attend and Tell)."""
         ckpt = load_checkpoint(path)
         return cls(ckpt, Encoder.load(ckpt.config.encoder, backend=backend), beam_size=beam_size, max_len=max_len,
-                   int8=int8)
+                   int8=int8, grounded=grounded, backend=backend)
+
+    @property
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            self._encoder = Encoder.load(self.spec.name, backend=self._backend)
+        return self._encoder
 
     @property
     def info(self) -> dict:
-        spec = get_spec(self.checkpoint.config.encoder)
+        spec = self.spec
         meta = self.checkpoint.meta
         return {"name": meta.get("name", self.checkpoint.path.stem), "path": str(self.checkpoint.path),
                 "encoder": spec.name, "input_size": spec.input_size, "grid": list(spec.grid),
                 "vocab_size": len(self.vocab), "dev_scores": meta.get("dev_scores", meta.get("dev_scores_greedy")),
                 "beam_size": self.beam_size, "backend": self.encoder.backend,
-                "decoder_weights": "int8" if self.int8 else "float32"}
+                "decoder_weights": "int8" if self.int8 else "float32", "grounded": self.grounding is not None}
 
     def caption(self, image, *, beam_size: int | None = None, n_best: int = 1,
                 attention: bool = False) -> CaptionResult:
@@ -95,7 +120,7 @@ class Captioner:
     def caption_batch(self, images: list, *, beam_size: int | None = None, n_best: int = 1,
                       attention: bool = False) -> list[CaptionResult | ImageError]:
         """Many images in one encoder and one decoder batch; unreadable ones come back as their ImageError."""
-        spec = self.encoder.spec
+        spec = self.spec
         out: list = [None] * len(images)
         pixels, slots = [], []
         for i, src in enumerate(images):
@@ -105,16 +130,48 @@ class Captioner:
             except ImageError as e:
                 out[i] = e
         if slots:
-            feats = torch.from_numpy(self.encoder.encode(np.stack(pixels)))
-            with _torch_threads(1), torch.inference_mode():
-                beams = decode(self.model, self.vocab, feats, beam_size=beam_size or self.beam_size,
-                               max_len=self.max_len, n_best=max(1, n_best), return_attention=attention)
-            for i, hyps in zip(slots, beams):
-                best = hyps[0]
-                att = None
-                if attention and best.attention is not None:
-                    att = best.attention.reshape(len(best.tokens), *spec.grid)
-                out[i] = CaptionResult(best.text, round(best.score, 4), best.tokens,
-                                       [{"caption": h.text, "score": round(h.score, 4)} for h in hyps],
-                                       att, _name(images[i]))
+            feats = self.encoder.encode(np.stack(pixels))
+            results = self.caption_features(feats, beam_size=beam_size, n_best=n_best, attention=attention)
+            for i, r in zip(slots, results):
+                r.source = _name(images[i])
+                out[i] = r
+        return out
+
+    def caption_features(self, feats, *, beam_size: int | None = None, n_best: int = 1,
+                         attention: bool = False) -> list[CaptionResult]:
+        """Encoder grids (B, R, C) -> results: the decoding every surface uses (API, CLI, server, library,
+        alt text, `evaluate`), so what is scored is what people get."""
+        # rounded to float16 as the feature store keeps grids, so a photo gets the same caption whether its grid
+        # was just computed (caption, serve) or read from a store (evaluate)
+        feats = torch.from_numpy(np.asarray(feats).astype(np.float16).astype(np.float32))
+        grid = self.spec.grid
+        with _torch_threads(1), torch.inference_mode():
+            bias = concepts = evidence = None
+            if self.grounding is not None:
+                concepts, evidence = self.grounding(feats)
+                bias = self.grounding.word_bias(concepts, evidence, self.vocab.itos)
+            options = dict(beam_size=beam_size or self.beam_size, max_len=self.max_len, n_best=max(1, n_best),
+                           return_attention=attention)
+            beams = decode(self.model, self.vocab, feats, bias=bias, **options)
+            strict = {}
+            if self.grounding is not None:  # captions naming a weakly supported object: again, without such
+                g = self.grounding
+                weak = [k for k, h in enumerate(beams) if g.confidence(h[0].text, evidence[k]) < g.settings.strict_below]
+                if weak:
+                    ban = g.word_bias(concepts[weak], evidence[weak], self.vocab.itos, ban_below=g.settings.strict_below)
+                    strict = dict(zip(weak, decode(self.model, self.vocab, feats[weak], bias=ban, **options)))
+        out = []
+        for k, hyps in enumerate(beams):
+            best, said = hyps[0], {}
+            if self.grounding is not None:
+                said = self.grounding.describe(best.text, concepts[k], evidence[k],
+                                               strict[k][0].text if k in strict else None)
+                if k in strict and said["text"].startswith(strict[k][0].text):
+                    best, hyps = strict[k][0], strict[k]  # tokens, score and attention of what is said
+            att = None
+            if attention and best.attention is not None:
+                att = best.attention.reshape(len(best.tokens), *grid)
+            out.append(CaptionResult(best.text, round(best.score, 4), best.tokens,
+                                     [{"caption": h.text, "score": round(h.score, 4)} for h in hyps], att, None,
+                                     **said))
         return out

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import os
 import sys
 
 
@@ -102,6 +104,8 @@ def _add_train(sub):
     p.add_argument("--scst", action="store_true",
                    help="self-critical training on CIDEr-D (needs --init; see configs/flickr8k-scst.toml)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--force", action="store_true",
+                   help="start afresh in --out even though it holds a run's outputs (they are overwritten)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.set_defaults(run=_run_train)
 
@@ -137,7 +141,8 @@ def _run_train(args) -> int:
     config = config.replace(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             num_workers=args.num_workers, objective="scst" if args.scst else None)
     try:
-        result = train(args.workdir, args.out, config, init=args.init, resume=args.resume, device=args.device)
+        result = train(args.workdir, args.out, config, init=args.init, resume=args.resume, device=args.device,
+                       force=args.force)
     except ValueError as e:
         raise UserError(str(e))
     print(f"best dev {config.select_metric}: {result['best']:.4f}; checkpoints in {result['rundir']}")
@@ -159,6 +164,9 @@ def _add_evaluate(sub):
     p.add_argument("--references", help="references: COCO annotations JSON or JSONL of {image, caption}")
     p.add_argument("--limit", type=int, help="only the first N images of the split (quick checks)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves its ~10 s JVM start)")
+    p.add_argument("--no-int8", dest="int8", action="store_false", help="decode with the float weights")
+    p.add_argument("--plain", dest="grounded", action="store_false",
+                   help="score the decoder's own sentences: no concept/evidence heads, no hedging")
     p.set_defaults(run=_run_evaluate)
 
 
@@ -171,7 +179,8 @@ def _run_evaluate(args) -> int:
     try:
         m = evaluate(args.model, args.data, args.split, beam_size=args.beam, out=args.out,
                      captions_file=args.captions, references_file=args.references, max_len=args.max_len,
-                     batch_size=args.batch_size, limit=args.limit, meteor=not args.no_meteor)
+                     batch_size=args.batch_size, limit=args.limit, meteor=not args.no_meteor, int8=args.int8,
+                     grounded=args.grounded)
     except (ValueError, RuntimeError) as e:
         raise UserError(str(e).splitlines()[0]) from None
     print(f"{m['split']} split, {m['num_images']} images, model {m['model']}"
@@ -188,19 +197,24 @@ def _run_evaluate(args) -> int:
 def _add_caption(sub):
     p = sub.add_parser("caption", help="caption image files, folders or globs",
                        description="Caption photos. Output: 'path<TAB>caption' per image (with --n-best N > 1: "
-                       "'path<TAB>rank<TAB>score<TAB>caption' per hypothesis), or --json / --csv.")
+                       "'path<TAB>rank<TAB>score<TAB>caption' per hypothesis), or --json / --csv. A field "
+                       "holding a tab, newline or double quote is double-quoted, CSV-style, so every line parses.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
     p.add_argument("--model", metavar="CKPT", default=None, help="checkpoint (default: the shipped model)")
     p.add_argument("--beam", type=int, default=3, help="beam size, 1 = greedy (3)")
     p.add_argument("--n-best", type=int, default=1, help="captions per image, best first (1); at most --beam")
     fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true", help="print a JSON list of {path, caption, score[, alternatives]}")
-    fmt.add_argument("--csv", action="store_true", help="print CSV: path,caption,score (with --n-best: path,rank,...)")
+    fmt.add_argument("--json", action="store_true",
+                     help="print a JSON list of {path, text, caption, confidence, concepts, score, alternatives}")
+    fmt.add_argument("--csv", action="store_true",
+                     help="print CSV: path,text,confidence,tags,caption,score (with --n-best: path,rank,...)")
     p.add_argument("--attention", metavar="DIR", help="write one PNG per image with per-word attention maps")
     p.add_argument("--batch-size", type=int, default=16, help="images encoded and decoded together (16)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"], help="CNN runtime (auto)")
     p.add_argument("--no-int8", dest="int8", action="store_false",
                    help="decode with the float weights instead of int8 (slower, the exact evaluated model)")
+    p.add_argument("--plain", dest="grounded", action="store_false",
+                   help="ignore the model's concept and evidence heads: the decoder's sentence, never hedged")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_caption)
 
@@ -212,25 +226,38 @@ def _expand_image_paths(specs: list[str]) -> tuple[list, list[str]]:
     from pathlib import Path
 
     from captioner.apps.library import find_images
-    paths, problems = [], []
+    paths, problems, skipped = [], [], []
     for spec in specs:
         p = Path(spec).expanduser()
         if p.is_dir():
-            found = find_images(p)
+            found = find_images(p, skipped)
         elif p.is_file():
             found = [p]  # named explicitly: tried whatever its extension, so a bad one is reported
         elif glob.has_magic(spec):
             found = []
             for m in map(Path, sorted(glob.glob(str(p), recursive=True))):
-                found += find_images(m) if m.is_dir() else [m] if m.is_file() else []
+                found += find_images(m, skipped) if m.is_dir() else [m] if m.is_file() else []
+        elif p.exists():
+            found = [p]  # a special file: load_image says what it is
         else:
-            problems.append(f"{spec}: no such file or folder")
+            problems.append(f"{spec}: " + (os.strerror(errno.ELOOP) if _is_loop(p)
+                                           else "no such file or folder"))
             continue
         if not found:
             problems.append(f"{spec}: " + ("no images found (jpg, png, gif, bmp, webp, tif)" if p.is_dir()
                                            else "no file matches this pattern"))
         paths += found
+    for line in skipped:
+        print(f"skipped {line}", file=sys.stderr)
     return list(dict.fromkeys(paths)), problems  # dedupe, keep order
+
+
+def _is_loop(p) -> bool:
+    try:
+        p.stat()
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
 
 
 def _attention_png(result, path, folder, taken: set) -> None:
@@ -266,14 +293,18 @@ def _run_caption(args, captioner=None) -> int:
     if captioner is None:
         from captioner.apps.api import Captioner
         try:
-            captioner = Captioner.load(args.model, backend=args.backend, beam_size=args.beam, int8=args.int8)
+            captioner = Captioner.load(args.model, backend=args.backend, beam_size=args.beam, int8=args.int8,
+                                       grounded=args.grounded)
         except (ValueError, RuntimeError, OSError) as e:  # missing/bad checkpoint, failed ONNX export
             raise UserError(str(e).splitlines()[0]) from None
 
     rows, failed, taken = [], 0, set()
     writer = csv.writer(sys.stdout, lineterminator="\n") if args.csv else None
+    # tab-separated text, quoted only where a field holds a tab, newline or quote (a file name may)
+    tsv = csv.writer(sys.stdout, delimiter="\t", lineterminator="\n")
     if writer:
-        writer.writerow(["path", "rank", "caption", "score"] if args.n_best > 1 else ["path", "caption", "score"])
+        writer.writerow(["path", "rank", "caption", "score"] if args.n_best > 1 else
+                        ["path", "text", "confidence", "tags", "caption", "score"])
     bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=args.no_progress or len(paths) <= 20)
     for i in range(0, len(paths), args.batch_size):
         batch = paths[i:i + args.batch_size]
@@ -286,17 +317,17 @@ def _run_caption(args, captioner=None) -> int:
                 continue
             alts = r.alternatives[:args.n_best]
             if args.json:
-                rows.append({"path": str(path), "caption": r.caption, "score": r.score}
-                            | ({"alternatives": alts} if args.n_best > 1 else {}))
+                rows.append({"path": str(path)} | r.to_dict() | {"alternatives": alts})
             elif writer:
                 if args.n_best > 1:
                     writer.writerows([path, k, a["caption"], a["score"]] for k, a in enumerate(alts, 1))
                 else:
-                    writer.writerow([path, r.caption, r.score])
+                    writer.writerow([path, r.text, "" if r.confidence is None else r.confidence,
+                                     " ".join(c["word"].replace(" ", "_") for c in r.concepts), r.caption, r.score])
             elif args.n_best > 1:
-                print("\n".join(f"{path}\t{k}\t{a['score']:.4f}\t{a['caption']}" for k, a in enumerate(alts, 1)))
+                tsv.writerows([path, k, f"{a['score']:.4f}", a["caption"]] for k, a in enumerate(alts, 1))
             else:
-                print(f"{path}\t{r.caption}")
+                tsv.writerow([path, r.text])
             if args.attention:
                 try:
                     _attention_png(r, path, args.attention, taken)
@@ -324,6 +355,10 @@ def _add_serve(sub):
     p.add_argument("--max-upload-mb", type=float, default=10, help="larger uploads get 413")
     p.add_argument("--db", metavar="LIBRARY", default=None, help="SQLite photo library to search")
     p.add_argument("--max-batch", type=int, default=16, help="micro-batch size; 1 turns batching off")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="another host name clients use to reach the server (repeatable; '*' allows any). "
+                        "Loopback names, IP addresses and --host are always allowed; other names are refused "
+                        "so that web pages cannot reach the server through DNS rebinding")
     p.set_defaults(run=_run_serve)
 
 
@@ -331,7 +366,7 @@ def _run_serve(args) -> int:
     from captioner.apps.server import serve
     try:
         serve(args.host, args.port, model=args.model, max_upload_mb=args.max_upload_mb, db=args.db,
-              max_batch=args.max_batch)
+              max_batch=args.max_batch, allow_hosts=args.allow_host)
     except (OSError, ValueError) as e:
         raise UserError(f"serve: {e}") from None
     return 0
@@ -366,6 +401,8 @@ def _add_library(sub):
     p.add_argument("page", help="HTML file; images are resolved relative to it")
     p.add_argument("-o", "--out", default=None, help="write the page here (may be PAGE itself, written "
                    "atomically); default: print the page to stdout")
+    p.add_argument("--root", default=None, metavar="DIR",
+                   help="read images only under DIR (default: the page's folder)")
     p.add_argument("--model", default=None, metavar="CKPT", help="checkpoint (default: the shipped model)")
     p.add_argument("--beam", type=int, default=3, help="beam size (3)")
     p.set_defaults(run=_run_alt_text)
@@ -387,7 +424,7 @@ def _run_index(args) -> int:
                          batch_size=args.batch_size, progress=not args.no_progress, recaption=args.recaption)
     except (ValueError, OSError) as e:
         raise UserError(str(e)) from None
-    for line in s["errors"]:
+    for line in s.get("skipped", []) + s["errors"]:
         print(f"skipped {line}", file=sys.stderr)
     print(f"{s['db']}: {s['found']} images under {s['folder']}: {s['captioned']} captioned, "
           f"{s['unchanged'] + s['touched']} unchanged, {s['removed']} removed, {s['failed']} unreadable"
@@ -409,7 +446,8 @@ def _run_search(args) -> int:
         print("no matches", file=sys.stderr)
     for i, h in enumerate(hits, 1):
         also = f"  (matched: {h['matched']})" if h["matched"] != h["caption"] else ""
-        print(f"{i:>3}. {h['score']:9.3g}  {h['path']}\n       {h['caption']}{also}")
+        path = json.dumps(h["path"], ensure_ascii=False) if any(c in h["path"] for c in '"\n\r\t') else h["path"]
+        print(f"{i:>3}. {h['score']:9.3g}  {path}\n       {h['caption']}{also}")
     return 0
 
 
@@ -432,7 +470,7 @@ def _run_alt_text(args) -> int:
     from captioner.apps.alttext import fill_alt_text
     try:
         captioner = _load_captioner(args) if args.model else None  # None: loaded only if needed
-        report = fill_alt_text(args.page, args.out, captioner, beam_size=args.beam)
+        report = fill_alt_text(args.page, args.out, captioner, beam_size=args.beam, root=args.root)
     except (ValueError, OSError) as e:
         raise UserError(str(e)) from None
     for line in report.skipped + report.errors:
@@ -441,7 +479,7 @@ def _run_alt_text(args) -> int:
         sys.stdout.flush()
         sys.stdout.buffer.write(report.data)
         sys.stdout.buffer.flush()
-    print(f"{args.page}: {len(report.filled)} alt texts filled, {report.kept} kept, "
+    print(f"{args.page}: {len(report.filled)} alt texts filled, {report.kept} kept, {report.decorative} decorative, "
           f"{len(report.skipped)} not local, {len(report.errors)} unreadable"
           + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
     return 0
@@ -468,6 +506,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`captioner caption ... | head`): stop quietly, as other Unix tools do; stdout
+        # is pointed at /dev/null so the interpreter's final flush does not complain again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the closed pipe
 
 
 if __name__ == "__main__":

@@ -24,7 +24,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+# Image files found in folders that cannot be read, reported as skipped rather than passed over in silence.
+UNSUPPORTED_EXTS = {
+    **dict.fromkeys((".heic", ".heif"), "HEIC/HEIF photos are not supported; convert them to JPEG"),
+    **dict.fromkeys((".svg", ".svgz"), "vector images (SVG) are not supported; render them to PNG"),
+    **dict.fromkeys((".avif", ".jxl"), "AVIF and JPEG XL are not supported; convert them to JPEG"),
+    **dict.fromkeys((".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf"),
+                    "camera raw files are not supported; export them to JPEG"),
+}
 SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 60.0  # how long a writer waits for another one's lock (a batch of captions) before failing
 # bm25 column weights: the best caption counts most, tags (its content words, lemmatised) next,
 # the lower-ranked n-best captions least. Chosen with benchmarks/retrieval.py on Flickr8k dev.
 WEIGHTS = (4.0, 1.0, 2.0)
@@ -36,7 +45,8 @@ while as than then there here this that these those it its is are was were be be
 had do does did some any each every other another such very too also just only own same so not no
 his her hers him he she they them their theirs we us our you your i me my one two three four five
 who whom whose which what where when why how all both few more most many much several
-""".split())
+image may contain probably sure photo shows
+""".split())  # the last line: the words of a hedged description (grounding.py), not of the photo
 
 # Plurals that the suffix rules below would get wrong; the common ones in photo captions.
 _IRREGULAR = {"men": "man", "women": "woman", "children": "child", "people": "person", "feet": "foot",
@@ -62,6 +72,7 @@ CREATE VIRTUAL TABLE IF NOT EXISTS images_fts USING fts5(caption, alternatives, 
 CREATE TABLE IF NOT EXISTS tags (image_id INTEGER NOT NULL, tag TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS tags_by_image ON tags(image_id);
 CREATE INDEX IF NOT EXISTS tags_by_tag ON tags(tag);
+CREATE TABLE IF NOT EXISTS roots (folder TEXT PRIMARY KEY, indexed_at TEXT);  -- folders given to index
 """
 
 
@@ -102,21 +113,34 @@ def caption_tags(captions: list[str]) -> list[str]:
 # database
 
 def _connect(db_path: Path) -> sqlite3.Connection:
-    """Open (creating if needed) a library for writing."""
+    """Open (creating if needed) a library for writing. Two indexers may start on the same new file at
+    once: the busy timeout makes the second wait for the first's lock instead of failing with "database is
+    locked", and the schema is checked and created inside one write transaction, so neither ever sees the
+    other's half-made schema."""
     db_path.parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(db_path)
+    con = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT_S)
     try:
+        con.execute("BEGIN IMMEDIATE")
         version = con.execute("PRAGMA user_version").fetchone()[0]
         names = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
+        if names and (version != SCHEMA_VERSION or "images" not in names):
+            raise ValueError(f"{db_path}: not a captioner library (schema version {version}, "
+                             f"tables {sorted(names)[:3]})")
+        for statement in _SCHEMA.split(";"):  # not executescript: it would commit before each script
+            if statement.strip():
+                con.execute(statement)
+        con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        con.commit()
+        con.execute("PRAGMA journal_mode=WAL")  # the web server can search while a folder is being indexed
+    except sqlite3.OperationalError as e:  # locked for longer than the busy timeout, read-only, disk full
+        con.close()
+        raise ValueError(f"{db_path}: {e}") from None
     except sqlite3.DatabaseError as e:
         con.close()
         raise ValueError(f"{db_path}: not an SQLite database ({e})") from None
-    if names and (version != SCHEMA_VERSION or "images" not in names):
+    except BaseException:
         con.close()
-        raise ValueError(f"{db_path}: not a captioner library (schema version {version}, tables {sorted(names)[:3]})")
-    con.execute("PRAGMA journal_mode=WAL")  # the web server can search while a folder is being indexed
-    con.executescript(_SCHEMA)
-    con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        raise
     return con
 
 
@@ -148,10 +172,12 @@ def _store(con, path: str, size: int, mtime_ns: int, sha: str | None, *, result=
     """Insert or replace one file's row, keeping images, images_fts and tags in step."""
     caption = nbest = tag_list = None
     if result is not None:
-        caption = result.caption
+        caption = result.text  # what people are told: hedged when the model is unsure
         alternatives = result.alternatives or [{"caption": result.caption, "score": result.score}]
         nbest = [{"caption": a["caption"], "score": float(a["score"])} for a in alternatives]
-        tag_list = caption_tags([a["caption"] for a in nbest])
+        # the photo's confident concepts first (cat, cup: grounding.py), then the words of its captions
+        concepts = [c["word"] for c in result.concepts if c["p"] >= 0.5]
+        tag_list = list(dict.fromkeys(concepts + caption_tags([caption] + [a["caption"] for a in nbest])))
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     image_id = con.execute(
         """INSERT INTO images (path, size, mtime_ns, sha256, caption, nbest, tags, model, captioned_at, error)
@@ -183,14 +209,33 @@ def error_line(path, err: Exception) -> str:
     return f"{path}: {msg}"
 
 
-def find_images(folder: Path) -> list[Path]:
-    """Image files under folder, recursively, sorted; hidden files and folders (".thumbnails", temp files) skipped."""
+def find_images(folder: Path, skipped: list[str] | None = None) -> list[Path]:
+    """Image files under folder, recursively, sorted; hidden files and folders (".thumbnails", temp files) skipped.
+    Images in formats that cannot be read (HEIC, SVG, camera raw) are added to `skipped` as "PATH: reason"."""
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [Path(root) / f for f in files
-                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTS]
+        for f in sorted(files):
+            ext = os.path.splitext(f)[1].lower()
+            if f.startswith("."):
+                continue
+            if ext in IMAGE_EXTS:
+                found.append(Path(root) / f)
+            elif ext in UNSUPPORTED_EXTS and skipped is not None:
+                skipped.append(f"{Path(root) / f}: {UNSUPPORTED_EXTS[ext]}")
     return sorted(found)
+
+
+def library_roots(db_path) -> list[Path]:
+    """The folders a library was built from. Libraries made before these were recorded count the deepest
+    folder that holds all their images."""
+    with closing(_open_readonly(db_path)) as con:
+        if con.execute("SELECT 1 FROM sqlite_master WHERE name = 'roots'").fetchone():
+            folders = [Path(r[0]) for r in con.execute("SELECT folder FROM roots ORDER BY folder")]
+            if folders:
+                return folders
+        paths = [r[0] for r in con.execute("SELECT path FROM images")]
+    return [Path(os.path.commonpath(paths)) if len(paths) > 1 else Path(paths[0]).parent] if paths else []
 
 
 def index_folder(folder, db_path, captioner=None, *, beam_size: int = 3, n_best: int = 3, batch_size: int = 16,
@@ -207,11 +252,15 @@ def index_folder(folder, db_path, captioner=None, *, beam_size: int = 3, n_best:
     db_path = Path(db_path)
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder}: not a folder")
-    files = find_images(folder)
+    skipped: list[str] = []
+    files = find_images(folder, skipped)
     summary = {"folder": str(folder), "db": str(db_path), "found": len(files), "captioned": 0, "unchanged": 0,
-               "touched": 0, "failed": 0, "removed": 0, "model": None, "errors": []}
+               "touched": 0, "failed": 0, "removed": 0, "model": None, "errors": [], "skipped": skipped}
 
     with closing(_connect(db_path)) as con:
+        # what the web server confines /api/library/image to
+        con.execute("INSERT OR REPLACE INTO roots (folder, indexed_at) VALUES (?, ?)",
+                    (str(folder), datetime.now(timezone.utc).isoformat(timespec="seconds")))
         known = {}  # path -> (id, size, mtime_ns, sha256, has_caption), only rows under this folder
         for image_id, path, size, mtime_ns, sha, caption in con.execute(
                 "SELECT id, path, size, mtime_ns, sha256, caption FROM images"):

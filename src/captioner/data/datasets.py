@@ -97,6 +97,23 @@ def _read_text(path: Path, out: DatasetReadout) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+def _csv_rows(reader, path: Path, out: DatasetReadout):
+    """The rows of a csv reader; a row the csv module refuses (a field over csv.field_size_limit(), which no
+    real caption reaches) is reported as file:line and dropped, and reading goes on with the next one."""
+    lines = getattr(reader, "reader", reader)  # a DictReader's own line_num lags on errors
+    while True:
+        start = lines.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            out.counts["malformed"] += 1
+            out.problem(f"{path}:{start}: {e}; dropped")
+            continue
+        yield row
+
+
 def _is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_SUFFIXES
 
@@ -290,10 +307,13 @@ def _read_kaggle(root: Path, captions_file: Path, fractions, seed) -> DatasetRea
     out = DatasetReadout(root, "kaggle")
     col = _Collector(out)
     reader = csv.reader(io.StringIO(_read_text(captions_file, out)))
-    header = next(reader, None)
+    try:
+        header = next(reader, None)
+    except csv.Error as e:
+        raise ValueError(f"{captions_file}:1: unreadable header ({e})") from None
     if header is None or [h.strip().lower() for h in header[:2]] != ["image", "caption"]:
         raise ValueError(f"{captions_file}:1: expected the header 'image,caption', got {header}")
-    for row in reader:
+    for row in _csv_rows(reader, captions_file, out):
         if not row or not any(c.strip() for c in row):
             continue
         out.counts["lines"] += 1
@@ -369,11 +389,14 @@ def _read_custom(path: Path, fractions, seed) -> DatasetReadout:
     rows = []  # (where, image, caption, split)
     if layout == "csv":
         reader = csv.DictReader(io.StringIO(text))
-        fields = [f.strip().lower() for f in reader.fieldnames or []]
+        try:
+            fields = [f.strip().lower() for f in reader.fieldnames or []]
+        except csv.Error as e:
+            raise ValueError(f"{path}:1: unreadable header ({e})") from None
         if "image" not in fields or "caption" not in fields:
             raise ValueError(f"{path}:1: expected a header with 'image' and 'caption' columns, got {fields}")
         reader.fieldnames = fields
-        for row in reader:
+        for row in _csv_rows(reader, path, out):
             rows.append((f"{path}:{reader.line_num}", row.get("image"), row.get("caption"), row.get("split")))
     else:
         for n, line in enumerate(text.split("\n"), 1):
@@ -459,6 +482,9 @@ def prepare(root, out, *, min_count: int = 5, max_len: int | None = None, progre
     readout = read_dataset(root, split_fractions=split_fractions, seed=seed)
     if not readout.records:
         raise ValueError(f"{readout.root}: no usable captions ({_first(readout.problems, 1) or 'empty'})")
+    if not any(r.path for r in readout.records):  # nothing to encode or train on: say so, write nothing
+        absent = next((p for p in readout.problems if " absent from " in p), "no image folder")
+        raise ValueError(f"{readout.root}: none of the {len(readout.records)} images it names exist ({absent})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 

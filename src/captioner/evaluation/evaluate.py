@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from captioner.evaluation.chair import CHAIR_KEYS, chair
 from captioner.evaluation.metrics import METRIC_KEYS, score_captions
 from captioner.evaluation.report import METRIC_NAMES, write_report
 from captioner.io import atomic_write_json
@@ -125,72 +126,64 @@ def _open_store(data, encoder: str):
         return None, f"feature store not used: {e}"
 
 
-def decode_split(ckpt, records, *, data, beam_size: int, max_len: int, batch_size: int, backend: str = "auto",
-                 progress: bool = True, attention_ids: set | None = None):
-    """Caption every record. Returns ({image_id: Caption}, notes, counts).
+def decode_split(captioner, records, *, data, beam_size: int, batch_size: int, progress: bool = True,
+                 attention_ids: set | None = None):
+    """Caption every record with `captioner` (an apps.api.Captioner: the same path users run). Returns
+    ({image_id: CaptionResult}, notes, counts).
 
-    Features come from the feature store where it has the image, otherwise from the encoder; images
+    Grids come from the WORKDIR's feature store where it has the image, otherwise from the encoder; images
     that cannot be read are reported and skipped.
     """
-    import torch
-    from captioner.decode import decode
-    from captioner.features.encoder import Encoder, ImageError, load_image, preprocess
+    from captioner.features.encoder import ImageError
 
-    encoder_name = ckpt.config.encoder
-    store, note = _open_store(data, encoder_name)
+    store, note = _open_store(data, captioner.spec.name)
     notes = [note] if note else []
-    encoder = None
-    captions, counts = {}, {"features_from_store": 0, "features_encoded": 0, "unreadable": 0}
+    results, counts = {}, {"features_from_store": 0, "features_encoded": 0, "unreadable": 0}
     attention_ids = attention_ids or set()
     bar = tqdm(total=len(records), desc=f"decoding (beam {beam_size})", unit="img", disable=not progress)
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
-        ids, feats = [], []
-        in_store = [r for r in batch if store is not None and r.image_id in store]
-        if in_store:
-            ids += [r.image_id for r in in_store]
-            feats.append(store.get([r.image_id for r in in_store]))
-            counts["features_from_store"] += len(in_store)
-        pixels = []
-        for r in batch:
-            if store is not None and r.image_id in store:
-                continue
-            if encoder is None:
-                encoder = Encoder.load(encoder_name, backend)
-            try:
-                pixels.append(preprocess(load_image(r.path, name=r.image_id), encoder.spec))
-                ids.append(r.image_id)
-            except ImageError as e:
-                counts["unreadable"] += 1
-                notes.append(f"skipped {e}")
-        if pixels:
-            feats.append(encoder.encode(np.stack(pixels)))
-            counts["features_encoded"] += len(pixels)
-        if ids:
-            x = torch.from_numpy(np.concatenate(feats))
-            for image_id, hyps in zip(ids, decode(ckpt.model, ckpt.vocab, x, beam_size=beam_size,
-                                                  max_len=max_len)):
-                captions[image_id] = hyps[0]
+        stored = [r.image_id for r in batch if store is not None and r.image_id in store]
+        if stored:
+            grids = store.get(stored)
+            results.update(zip(stored, captioner.caption_features(grids, beam_size=beam_size)))
+            counts["features_from_store"] += len(stored)
             # attention only for the few images the report draws: a second small decode is cheaper
             # than carrying attention for every beam of every image
-            want = [i for i, image_id in enumerate(ids) if image_id in attention_ids]
+            want = [i for i, image_id in enumerate(stored) if image_id in attention_ids]
             if want:
-                hyps = decode(ckpt.model, ckpt.vocab, x[want], beam_size=beam_size, max_len=max_len,
-                              return_attention=True)
-                for i, h in zip(want, hyps):
-                    captions[ids[i]] = h[0]
+                results.update(zip([stored[i] for i in want],
+                                   captioner.caption_features(grids[want], beam_size=beam_size, attention=True)))
+        rest = [r for r in batch if store is None or r.image_id not in store]
+        if rest:
+            for r, res in zip(rest, captioner.caption_batch([r.path for r in rest], beam_size=beam_size,
+                                                            attention=True)):
+                if isinstance(res, ImageError):
+                    counts["unreadable"] += 1
+                    notes.append(f"skipped {r.image_id}: {str(res).split(': ', 1)[-1]}")
+                else:
+                    results[r.image_id] = res
+                    counts["features_encoded"] += 1
         bar.update(len(batch))
     bar.close()
-    return captions, notes, counts
+    return results, notes, counts
 
 
 # -----------------------------------------------------------------------------
 # the command
 
+def _extra(result) -> dict:
+    """What captions.json keeps beside the scored text: the model's own sentence and its confidence."""
+    if result is None or result.confidence is None:
+        return {}
+    return {"model_caption": result.caption, "confidence": result.confidence}
+
+
 def format_table(metrics: dict) -> str:
     """The corpus scores as a small aligned text table."""
-    names = [METRIC_NAMES[k] for k in METRIC_KEYS]
-    values = ["n/a" if metrics.get(k) is None else f"{metrics[k]:.4f}" for k in METRIC_KEYS]
+    keys = METRIC_KEYS + CHAIR_KEYS
+    names = [METRIC_NAMES[k] for k in keys]
+    values = ["n/a" if metrics.get(k) is None else f"{metrics[k]:.4f}" for k in keys]
     widths = [max(len(a), len(b)) for a, b in zip(names, values)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
     return line(names) + "\n" + line(values)
@@ -199,7 +192,7 @@ def format_table(metrics: dict) -> str:
 def evaluate(model: str | Path | None, data: str | Path, split: str = "dev", *, beam_size: int = 3,
              out: str | Path, captions_file=None, references_file=None, max_len: int = 30,
              batch_size: int = 100, progress: bool = True, limit: int | None = None, meteor: bool = True,
-             backend: str = "auto") -> dict:
+             backend: str = "auto", int8: bool = True, grounded: bool = True) -> dict:
     """Score a split (see the module docstring) and write metrics.json, captions.json and report.html.
 
     data may be None only when references_file is given. limit keeps the first N images of the split
@@ -223,7 +216,7 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "dev", *, 
             pass
 
     info = {"split": split}
-    attention_items = []
+    attention_items, details = [], {}
     if captions_file is not None:
         candidates, more = load_results_file(captions_file)
         notes += more
@@ -244,8 +237,11 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "dev", *, 
     else:
         if data is None:
             raise ValueError("decoding a model needs --data (a WORKDIR or dataset ROOT with the images)")
-        from captioner.checkpoint import default_model_path, load_checkpoint
-        ckpt = load_checkpoint(model if model is not None else default_model_path())
+        from captioner.apps.api import Captioner
+        from captioner.checkpoint import load_checkpoint
+        ckpt = load_checkpoint(model)
+        captioner = Captioner(ckpt, beam_size=beam_size, max_len=max_len, int8=int8, grounded=grounded,
+                              backend=backend)
         present = [k for k in references if paths.get(k) is not None]
         absent = len(references) - len(present)
         if absent:
@@ -257,34 +253,32 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "dev", *, 
         from captioner.data.datasets import ImageRecord
         records = [ImageRecord(k, paths[k], references[k], split) for k in present]
         sample = set(present[:: max(1, len(present) // NUM_ATTENTION_SAMPLES)][:NUM_ATTENTION_SAMPLES])
-        decoded, more, counts = decode_split(ckpt, records, data=data, beam_size=beam_size, max_len=max_len,
-                                             batch_size=batch_size, backend=backend, progress=progress,
-                                             attention_ids=sample)
+        decoded, more, counts = decode_split(captioner, records, data=data, beam_size=beam_size,
+                                             batch_size=batch_size, progress=progress, attention_ids=sample)
         notes += more
         if not decoded:
             raise ValueError(f"{data}: no {split} image could be read; nothing to score")
-        candidates = {k: c.text for k, c in decoded.items()}
-        grid = None
-        for k in sample:
-            c = decoded.get(k)
-            if c is not None and c.attention is not None and c.tokens:
-                if grid is None:
-                    from captioner.features.encoder import get_spec
-                    grid = get_spec(ckpt.config.encoder).grid
-                attention_items.append({"image_id": k, "path": paths[k], "words": c.tokens,
-                                        "attention": c.attention.reshape(len(c.tokens), *grid)})
+        candidates = {k: r.text for k, r in decoded.items()}
+        details = {k: r for k, r in decoded.items()}
+        attention_items = [{"image_id": k, "path": paths[k], "words": decoded[k].tokens,
+                            "attention": decoded[k].attention}
+                           for k in sample if k in decoded and decoded[k].attention is not None and decoded[k].tokens]
         info.update(model=ckpt.meta.get("name") or Path(ckpt.path).stem, encoder=ckpt.config.encoder,
-                    beam_size=beam_size, max_len=max_len, **counts)
+                    beam_size=beam_size, max_len=max_len, decoder_weights="int8" if int8 else "float32",
+                    grounded=captioner.grounding is not None, **counts)
 
     scores = score_captions(candidates, references, meteor=meteor)
     notes += scores.notes
-    metrics = {**scores.corpus, **info, "num_images": len(candidates), "tokenizer": scores.tokenizer,
+    objects, per_image_objects = chair(candidates, references)
+    metrics = {**scores.corpus, **objects, **info, "num_images": len(candidates), "tokenizer": scores.tokenizer,
                "notes": notes}
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", metrics)
-    atomic_write_json(out / "captions.json", [{"image_id": k, "caption": v} for k, v in candidates.items()])
+    atomic_write_json(out / "captions.json", [{"image_id": k, "caption": v} | _extra(details.get(k))
+                                              for k, v in candidates.items()])
     items = [{"image_id": k, "caption": v, "references": references[k], "scores": scores.per_image[k],
+              "objects": per_image_objects[k], "confidence": _extra(details.get(k)).get("confidence"),
               "path": paths.get(k)} for k, v in candidates.items()]
     shown = {k: v for k, v in info.items() if v is not None}
     write_report(out / "report.html", items, scores.corpus, title=f"Caption evaluation: {split} split",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 import io
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from PIL import Image
 from captioner.io import atomic_write_text
 
 METRIC_NAMES = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4",
-                "meteor": "METEOR", "rougeL": "ROUGE-L", "cider": "CIDEr-D"}
+                "meteor": "METEOR", "rougeL": "ROUGE-L", "cider": "CIDEr-D",
+                "chair_i": "CHAIR-i", "chair_s": "CHAIR-s", "object_recall": "object recall"}
 
 
 def plot_attention(image: Image.Image, words: list[str], attention: np.ndarray, path_or_buffer,
@@ -97,6 +99,16 @@ document.querySelectorAll('#images th').forEach((th, col) => th.addEventListener
 """
 
 
+def _mark(caption: str, words: set[str]) -> str:
+    """The caption, HTML-escaped, with the given (object) words in <mark>: the false objects CHAIR counts."""
+    if not words:
+        return html.escape(caption)
+    pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + r")\b",
+                         re.IGNORECASE)
+    parts = pattern.split(caption)
+    return "".join(f"<mark>{html.escape(p)}</mark>" if i % 2 else html.escape(p) for i, p in enumerate(parts))
+
+
 def write_report(path, items: list[dict], corpus_scores: dict, *, title: str = "Caption evaluation",
                  info: dict | None = None, attention: list[dict] | None = None) -> None:
     """Write a self-contained report.html.
@@ -128,8 +140,14 @@ def write_report(path, items: list[dict], corpus_scores: dict, *, title: str = "
         refs = "".join(f"<li>{esc(r)}</li>" for r in it.get("references", []))
         cells = "".join(f"<td class='num' data-v='{it['scores'].get(k, -1):.6f}'>{_fmt(it['scores'].get(k))}</td>"
                         for k in per_image)
+        objects = it.get("objects") or {}
+        false = set(objects.get("false_words", []))
+        notes = (f"<br><small>confidence {it['confidence']:.2f}</small>" if it.get("confidence") is not None else "")
+        if false:
+            notes += "<br><small>objects no reference names: " + ", ".join(f"<mark>{esc(w)}</mark>" for w in
+                                                                           sorted(false)) + "</small>"
         out.append(f"<tr><td data-v='{esc(it['image_id'])}'>{pic}{esc(it['image_id'])}</td>"
-                   f"<td class='cap' data-v='{esc(it['caption'])}'>{esc(it['caption'])}</td>"
+                   f"<td class='cap' data-v='{esc(it['caption'])}'>{_mark(it['caption'], false)}{notes}</td>"
                    f"<td data-v=''><ul>{refs}</ul></td>{cells}</tr>")
     out.append("</tbody></table>")
 

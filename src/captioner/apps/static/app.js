@@ -1,16 +1,26 @@
-// The captioner page: get a photo (file, drop, paste, camera), ask /api/caption, show and speak the
+// The captioner page: get a photo (file, drop, paste, camera), ask /api/caption, show and announce the
 // caption, and draw each word's attention map over the photo when the word is hovered or focused.
+//
+// How the caption reaches someone who cannot see it: one live region (#announce) that screen readers
+// read, once per caption; the page's own voice (speechSynthesis) only for people without a screen reader,
+// who turn it on themselves (remembered), so nobody hears the caption twice.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const SPEAK_KEY = "captioner.speak";
 let result = null;        // the last /api/caption answer
+let pinned = -1;          // the word whose attention map stays shown (Enter or click), -1 for none
 let cameraStream = null;  // the live getUserMedia stream, so it can be stopped
+let announceTimer = 0;
+
+// What the person is told: the server's wording when it has one (a hedged "Probably ..."), else the caption.
+const spokenText = (body) => body.text ?? body.caption;
 
 // ---- talking to the server ----------------------------------------------------------------
 
 async function captionPhoto(blob, name) {
   showError("");
+  clearResult();
   showPhoto(blob, name);
   const beam = Math.min(10, Math.max(1, parseInt($("beam").value, 10) || 3));
   const params = new URLSearchParams({ beam, n_best: Math.min(3, beam), attention: "true" });
@@ -23,16 +33,27 @@ async function captionPhoto(blob, name) {
     if (!response.ok) throw new Error(body.detail || `server answered ${response.status}`);
     showResult(body);
   } catch (e) {
-    showError(`Could not caption ${name || "the photo"}: ${e.message}`);
     clearResult();
+    hidePhoto();  // no broken or stale image left on screen
+    showError(`Could not caption ${name || "the photo"}: ${e.message}`);
   } finally {
     setBusy(false);
   }
 }
 
 function setBusy(busy) {
-  $("result").setAttribute("aria-busy", String(busy));
+  $("answer").setAttribute("aria-busy", String(busy));
   $("status").textContent = busy ? "Writing a caption…" : "";
+  if (busy) announce("Writing a caption…");
+}
+
+// Screen readers say a live region's new text once, and say nothing when the text does not change: so the
+// region is emptied first and filled a moment later, which makes Repeat (same text) heard again too.
+function announce(text) {
+  const region = $("announce");
+  clearTimeout(announceTimer);
+  region.textContent = "";
+  if (text) announceTimer = setTimeout(() => { region.textContent = text; }, 150);
 }
 
 function showError(message) {
@@ -43,15 +64,27 @@ function showError(message) {
 
 function showPhoto(blob, name) {
   const img = $("photo");
-  if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+  hidePhoto();
+  // Shown once the browser has decoded it, so a file it cannot read never appears as a broken image.
+  img.onload = () => { $("stage").hidden = false; };
   img.src = URL.createObjectURL(blob);
-  img.alt = `Your photo${name ? " " + name : ""}`;
-  $("stage").hidden = false;
+  img.alt = `Your photo${name ? ` (${name})` : ""}`;  // the caption itself is next to it, not repeated here
+}
+
+function hidePhoto() {
+  const img = $("photo");
+  img.onload = null;
+  $("stage").hidden = true;
+  if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+  img.removeAttribute("src");
+  img.alt = "";
   clearOverlay();
 }
 
 function clearResult() {
   result = null;
+  pinned = -1;
+  announce("");
   $("caption").replaceChildren();
   $("score").textContent = "";
   $("alternatives").replaceChildren();
@@ -62,23 +95,13 @@ function clearResult() {
 
 function showResult(body) {
   result = body;
-  // Each word is a button so it can be reached by keyboard; the live region reads the words as a sentence.
-  const words = body.tokens.map((token, i) => {
-    const b = document.createElement("button");
-    b.type = "button";
-    b.className = "word";
-    b.textContent = token;
-    b.dataset.index = i;
-    for (const ev of ["mouseenter", "focus"]) b.addEventListener(ev, () => highlight(i));
-    for (const ev of ["mouseleave", "blur"]) b.addEventListener(ev, () => highlight(-1));
-    return b;
-  });
-  const caption = $("caption");
-  caption.replaceChildren();
-  words.forEach((w, i) => caption.append(...(i ? [" ", w] : [w])));
-  $("photo").alt = body.caption;
-  $("score").textContent = `Model score ${body.score.toFixed(2)} (log-probability; higher is surer), ${Math.round(body.ms)} ms`;
-  $("word-hint").hidden = !body.attention;
+  const text = spokenText(body);
+  showCaption(text, body);
+  // confidence: how well the objects the sentence names are backed (grounding); tags: what the photo evidently shows
+  const sure = body.confidence == null ? "" : `Confidence ${body.confidence.toFixed(2)}. `;
+  const tags = (body.concepts ?? []).filter((c) => c.p >= 0.5).map((c) => c.word);
+  $("score").textContent = `${sure}${tags.length ? `Tags: ${tags.join(", ")}. ` : ""}` +
+    `Model score ${body.score.toFixed(2)} (log-probability; higher is surer), ${Math.round(body.ms)} ms`;
   const alts = body.alternatives.slice(1);
   $("alt-heading").hidden = alts.length === 0;
   $("alternatives").replaceChildren(...alts.map((a) => {
@@ -90,7 +113,64 @@ function showResult(body) {
     return li;
   }));
   $("repeat").disabled = false;
-  speak(body.caption);
+  announce(text);
+  speak(text);
+}
+
+// The shown sentence; where it contains the model's caption word for word (it may add a hedge such as
+// "Probably"), those words become one toolbar of buttons: a single Tab stop, arrow keys between words.
+function showCaption(text, body) {
+  const caption = $("caption");
+  const start = body.attention ? text.toLowerCase().indexOf(body.caption.toLowerCase()) : -1;
+  const shownWords = start < 0 ? [] : text.slice(start, start + body.caption.length).split(" ");
+  $("word-hint").hidden = shownWords.length !== body.tokens.length;
+  if ($("word-hint").hidden) return caption.replaceChildren(text);
+
+  const bar = document.createElement("span");
+  bar.setAttribute("role", "toolbar");
+  bar.setAttribute("aria-label", "Caption words");
+  bar.setAttribute("aria-describedby", "word-hint");
+  bar.className = "words";
+  shownWords.forEach((word, i) => {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "word";
+    b.textContent = word;
+    b.dataset.index = i;
+    b.tabIndex = i === 0 ? 0 : -1;
+    b.setAttribute("aria-pressed", "false");
+    b.addEventListener("mouseenter", () => highlight(i));
+    b.addEventListener("mouseleave", () => highlight(pinned));
+    b.addEventListener("focus", () => { roveTo(i); highlight(i); });
+    b.addEventListener("blur", () => highlight(pinned));
+    b.addEventListener("click", () => pin(i));  // Enter and Space click a button too
+    bar.append(...(i ? [" ", b] : [b]));
+  });
+  bar.addEventListener("keydown", wordKey);
+  caption.replaceChildren(text.slice(0, start), bar, text.slice(start + body.caption.length));
+}
+
+const wordButtons = () => [...document.querySelectorAll("#caption .word")];
+
+// Roving tabindex: the toolbar's one Tab stop is the word last visited.
+function roveTo(index) {
+  wordButtons().forEach((w, i) => { w.tabIndex = i === index ? 0 : -1; });
+}
+
+function wordKey(e) {
+  const words = wordButtons();
+  const at = words.indexOf(document.activeElement);
+  const to = { ArrowRight: at + 1, ArrowDown: at + 1, ArrowLeft: at - 1, ArrowUp: at - 1,
+               Home: 0, End: words.length - 1 }[e.key];
+  if (to === undefined || at < 0) return;
+  e.preventDefault();
+  words[Math.max(0, Math.min(words.length - 1, to))].focus();
+}
+
+function pin(index) {
+  pinned = pinned === index ? -1 : index;
+  wordButtons().forEach((w, i) => w.setAttribute("aria-pressed", String(i === pinned)));
+  highlight(pinned === -1 ? index : pinned);
 }
 
 // ---- attention overlay ------------------------------------------------------------------------
@@ -131,6 +211,7 @@ function highlight(index) {
 
 // ---- speech -----------------------------------------------------------------------------------
 
+// The page's own voice, for people who use no screen reader; off unless they turn it on.
 function speak(text) {
   if (!$("speak").checked || !("speechSynthesis" in window) || !text) return;
   speechSynthesis.cancel();
@@ -189,17 +270,20 @@ async function search(event) {
     const response = await fetch(`/api/search?${new URLSearchParams({ q, limit: 24 })}`);
     const body = await response.json();
     if (!response.ok) throw new Error(body.detail);
+    // Each result is one link (to the full photo) named by its caption: the thumbnail has an empty alt so the
+    // caption is heard once, not again as the image's and a figure's name.
     $("search-results").replaceChildren(...body.results.map((hit) => {
       const li = document.createElement("li");
-      const fig = document.createElement("figure");
+      const link = document.createElement("a");
+      link.href = `/api/library/image?${new URLSearchParams({ path: hit.path })}`;
       const img = document.createElement("img");
-      img.src = `/api/library/image?${new URLSearchParams({ path: hit.path })}`;
-      img.alt = hit.caption;
+      img.src = link.href;
+      img.alt = "";
       img.loading = "lazy";
-      const cap = document.createElement("figcaption");
+      const cap = document.createElement("span");
       cap.textContent = hit.caption;
-      fig.append(img, cap);
-      li.append(fig);
+      link.append(img, cap);
+      li.append(link);
       return li;
     }));
     $("search-status").textContent = `${body.results.length} photo${body.results.length === 1 ? "" : "s"} found`;
@@ -245,12 +329,16 @@ document.addEventListener("DOMContentLoaded", () => {
   $("camera-capture").addEventListener("click", capturePhoto);
 
   const speakBox = $("speak");
-  speakBox.checked = localStorage.getItem(SPEAK_KEY) !== "off";
+  speakBox.checked = localStorage.getItem(SPEAK_KEY) === "on";  // an explicit choice; off by default
   speakBox.addEventListener("change", () => {
     localStorage.setItem(SPEAK_KEY, speakBox.checked ? "on" : "off");
     if (!speakBox.checked && "speechSynthesis" in window) speechSynthesis.cancel();
   });
-  $("repeat").addEventListener("click", () => result && speak(result.caption));
+  $("repeat").addEventListener("click", () => {
+    if (!result) return;
+    announce(spokenText(result));
+    speak(spokenText(result));
+  });
   window.addEventListener("resize", () => {
     const active = document.querySelector(".word.active");
     if (active) highlight(+active.dataset.index);
