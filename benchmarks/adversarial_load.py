@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from load import free_port, rss_mb  # benchmarks/load.py: the plain load test's helpers
+from load import free_port, launch_server, rss_mb  # benchmarks/load.py: the plain load test's helpers
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO.parent / "shared" / "flickr8k" / "images"
@@ -99,24 +99,7 @@ def aborted_post(port: int, body: bytes) -> tuple[int, str]:
 
 
 def start_server(port: int, args) -> subprocess.Popen:
-    command = [sys.executable, "-m", "captioner.apps.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--max-upload-mb", str(args.max_upload_mb)]
-    if args.model:
-        command += ["--model", args.model]
-    log = open(args.server_log, "wb") if args.server_log else subprocess.DEVNULL  # noqa: SIM115 - the server's
-    proc = subprocess.Popen(command, stdout=log, stderr=log if args.server_log else subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"error: server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    sys.exit("error: server did not answer within 120 s")
+    return launch_server(port, ["--max-upload-mb", str(args.max_upload_mb)], args.model, args.server_log)
 
 
 def good_photos(folder: Path, n: int = 100) -> list[bytes]:

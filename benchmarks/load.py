@@ -57,15 +57,21 @@ def bad_uploads(jpeg: bytes, max_upload_mb: float) -> list[tuple[str, bytes]]:
 
 
 def start_server(port: int, args) -> subprocess.Popen:
-    command = [sys.executable, "-m", "captioner.apps.cli", "serve", "--port", str(port),
-               "--max-upload-mb", str(args.max_upload_mb), "--max-batch", str(args.max_batch)]
-    if args.model:
-        command += ["--model", args.model]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return launch_server(port, ["--max-upload-mb", str(args.max_upload_mb), "--max-batch", str(args.max_batch)],
+                         args.model)
+
+
+def launch_server(port: int, options: list[str], model=None, log_path=None) -> subprocess.Popen:
+    """`captioner serve` on 127.0.0.1:port with `options`, once /api/health answers (its output to log_path)."""
+    command = [sys.executable, "-m", "captioner.apps.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+               *options, *(["--model", model] if model else [])]
+    log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 - the server's, kept open
+    proc = subprocess.Popen(command, stdout=log, stderr=log if log_path else subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
-            sys.exit(f"error: server exited with {proc.returncode}: {proc.stderr.read().decode()[-500:]}")
+            tail = proc.stderr.read().decode()[-500:] if proc.stderr else f"see {log_path}"
+            sys.exit(f"error: server exited with {proc.returncode}: {tail}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1).status_code == 200:
                 return proc
