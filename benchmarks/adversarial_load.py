@@ -20,7 +20,6 @@ import random
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 import zlib

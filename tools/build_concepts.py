@@ -84,7 +84,7 @@ OVERRIDES = {  # ImageNet class name -> words, reviewed by hand
     "mailbag": ["bag"], "plastic bag": ["bag"], "sleeping bag": ["sleeping bag"], "Windsor tie": ["tie"],
     "bow tie": ["tie"], "suit": ["suit"], "sunglasses": ["sunglasses"], "sunglass": ["sunglasses"],
     "park bench": ["bench"], "folding chair": ["chair"], "rocking chair": ["chair"], "barber chair": ["chair"],
-    "throne": ["chair"], "ski": ["skis"], "snowmobile": ["snowmobile"], "dogsled": ["sled"], "bobsled": ["sled"],
+    "throne": ["chair"], "ski": ["skis"], "snowmobile": ["snowmobile"], "bobsled": ["sled"],
     "canoe": ["canoe", "boat"], "speedboat": ["boat"], "lifeboat": ["boat"], "fireboat": ["boat"],
     "gondola": ["boat"], "catamaran": ["boat"], "trimaran": ["boat"], "yawl": ["boat"], "schooner": ["boat", "ship"],
     "container ship": ["ship"], "liner": ["ship"], "aircraft carrier": ["ship"], "pirate": ["ship"],

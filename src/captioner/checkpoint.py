@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -14,6 +15,9 @@ from captioner.config import Config
 from captioner.data.vocab import Vocabulary
 from captioner.io import atomic_write_bytes
 from captioner.model import ShowAttendTell
+
+if TYPE_CHECKING:
+    from captioner.grounding import Grounding
 
 FORMAT = "captioner-sat/1"
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from captioner.data.objects import COCO_OBJECTS, WORD_TO_OBJECT, find_objects, object_classes
+from captioner.data.objects import COCO_OBJECTS, WORD_TO_OBJECT, object_classes
 
 CONCEPTS_FILE = Path(__file__).resolve().parent / "data" / "imagenet_concepts.json"
 CLASSES = list(COCO_OBJECTS)  # evidence head outputs, in this order

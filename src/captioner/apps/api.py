@@ -22,7 +22,8 @@ from captioner.model import quantize_int8
 @dataclass
 class CaptionResult:
     """One photo's description. `caption` is the model's sentence; `text` is what to show or say to a person:
-    the caption, "Probably ..." when its confidence is low, "Image may contain: ..." when it is very low."""
+    the caption, or, when its objects are weakly backed, "Image may contain: ..." or "Not sure what this photo
+    shows" (grounding.Grounding.describe)."""
     caption: str
     score: float
     tokens: list[str]
@@ -63,7 +64,8 @@ def _name(src) -> str | None:
 
 
 class Captioner:
-    """A trained checkpoint plus the image encoder it was trained with."""
+    """The one inference path: preprocessing, the encoder, the decoder, its vocabulary, the grounding heads and
+    the decoding settings, loaded once from one checkpoint file and used by every surface."""
 
     def __init__(self, checkpoint: Checkpoint, encoder: Encoder | None = None, *, beam_size: int = 3,
                  max_len: int = 30, int8: bool = True, grounded: bool = True, backend: str = "auto"):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from captioner.evaluation.chair import CHAIR_KEYS, chair
