@@ -1,6 +1,6 @@
 """How fast is "caption this photo"? Latency at batch 1, folder throughput, model load time, peak memory.
 
-    python benchmarks/latency.py [--no-int8] --out benchmarks/results/latency.json
+    python benchmarks/latency.py [--no-int8] [--plain] --out benchmarks/results/latency.json
 
 1. load: Captioner.load() wall time (checkpoint + CNN; the ONNX export is cached, so not included).
 2. latency: JPEG file -> caption, one image at a time (batch 1, beam 3) on Flickr8k dev photos; median/p95 ms,
@@ -102,19 +102,20 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="the CLI's --batch-size for the folder run (16)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-int8", dest="int8", action="store_false", help="decode with the float weights")
+    ap.add_argument("--plain", dest="grounded", action="store_false", help="without the grounding heads")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/latency.json"), help="JSON results")
     args = ap.parse_args()
 
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    c = Captioner.load(args.model, backend=args.backend, beam_size=args.beam, int8=args.int8)
+    c = Captioner.load(args.model, backend=args.backend, beam_size=args.beam, int8=args.int8, grounded=args.grounded)
     load_s = time.perf_counter() - t0
     lat = latency(c, dev_photos(args.data, args.latency_images), args.beam, args.warmup)
     thr = throughput(c, dev_photos(args.data, args.folder_images, skip=args.latency_images), args.beam,
                      args.batch_size)
     result = {
         "model": c.info["name"], "encoder": c.info["encoder"], "backend": c.info["backend"],
-        "decoder_weights": c.info["decoder_weights"],
+        "decoder_weights": c.info["decoder_weights"], "grounded": c.info["grounded"],
         "load_s": round(load_s, 2), "latency": lat, "throughput": thr,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
         "machine": {"cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in load_before],
