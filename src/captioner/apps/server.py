@@ -28,6 +28,7 @@ import ipaddress
 import os
 import queue
 import sqlite3
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -316,6 +317,12 @@ def _check_db(db) -> Path | None:
     return Path(db) if db is not None else None
 
 
+def _model_unavailable(e: Exception):
+    """503 without the reason's host paths (checkpoint errors name the file): the reason goes to the server log."""
+    print(f"captioner serve: model not available: {e}", file=sys.stderr)
+    return _error(503, "model not available (the server's log says why)")
+
+
 def create_app(captioner=None, *, model_path=None, max_upload_mb: float = 10, db=None,
                max_batch: int = 16, batch_wait_ms: float = 0.0, host: str = "127.0.0.1",
                allow_hosts=(), max_pending: int = 64, max_pending_mb: float = 256,
@@ -377,7 +384,7 @@ def create_app(captioner=None, *, model_path=None, max_upload_mb: float = 10, db
         try:
             captioner = await run_in_threadpool(model.get)
         except (OSError, ValueError) as e:
-            return _error(503, f"model not available: {e}")
+            return _model_unavailable(e)
         return _scrub_paths(captioner.info)
 
     @app.post("/api/caption")
@@ -411,7 +418,7 @@ def create_app(captioner=None, *, model_path=None, max_upload_mb: float = 10, db
             except ImageError as e:
                 return _error(422, str(e))
             except (OSError, ValueError) as e:
-                return _error(503, f"model not available: {e}")
+                return _model_unavailable(e)
         finally:
             in_flight.requests -= 1
             in_flight.bytes -= reserved
