@@ -665,16 +665,22 @@ def test_multipart_without_a_file_is_422(app_client):
     assert r.status_code == 422 and "no file" in r.json()["detail"]
 
 
+def _hold_one_request(app, client, body: bytes):
+    """POST `body` from a thread and return once the server counts it in flight: (thread, [its response])."""
+    first = []
+    t = threading.Thread(target=lambda: first.append(client.post("/api/caption", content=body)))
+    t.start()
+    deadline = time.time() + 10
+    while not app.state.in_flight.requests and time.time() < deadline:
+        time.sleep(0.01)
+    return t, first
+
+
 def test_load_is_shed_with_503_and_retry_after():
     gate = threading.Event()
     app = create_app(LoadingCaptioner(gate), max_pending=1)
     with TestClient(app, base_url=LOCAL) as client:
-        first = []
-        t = threading.Thread(target=lambda: first.append(client.post("/api/caption", content=GOOD_PNG)))
-        t.start()
-        deadline = time.time() + 10
-        while not app.state.in_flight.requests and time.time() < deadline:
-            time.sleep(0.01)
+        t, first = _hold_one_request(app, client, GOOD_PNG)
         shed = client.post("/api/caption", content=GOOD_PNG)
         assert shed.status_code == 503 and shed.headers["retry-after"] == "2"
         assert "server busy: 1 captions in progress" in shed.json()["detail"]
@@ -691,12 +697,7 @@ def test_upload_bytes_in_flight_are_bounded():
     app = create_app(LoadingCaptioner(gate), max_pending_mb=0.2)
     big = encode(photo((200, 200)), "BMP")  # 120 kB
     with TestClient(app, base_url=LOCAL) as client:
-        first = []
-        t = threading.Thread(target=lambda: first.append(client.post("/api/caption", content=big)))
-        t.start()
-        deadline = time.time() + 10
-        while not app.state.in_flight.requests and time.time() < deadline:
-            time.sleep(0.01)
+        t, first = _hold_one_request(app, client, big)
         shed = client.post("/api/caption", content=big)
         assert shed.status_code == 503 and "MB of uploads in progress" in shed.json()["detail"]
         gate.set()

@@ -155,8 +155,9 @@ def decode_split(captioner, records, *, data, beam_size: int, batch_size: int, p
                                    captioner.caption_features(grids[want], beam_size=beam_size, attention=True)))
         rest = [r for r in batch if store is None or r.image_id not in store]
         if rest:
+            drawn = any(r.image_id in attention_ids for r in rest)  # attention only if the report draws one
             for r, res in zip(rest, captioner.caption_batch([r.path for r in rest], beam_size=beam_size,
-                                                            attention=True)):
+                                                            attention=drawn)):
                 if isinstance(res, ImageError):
                     counts["unreadable"] += 1
                     notes.append(f"skipped {r.image_id}: {str(res).split(': ', 1)[-1]}")
