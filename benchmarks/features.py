@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from captioner.features.encoder import Encoder, load_image, preprocess
+from captioner.data.images import load_image, preprocess
+from captioner.features.encoder import Encoder
 
 FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "flickr8k"
 

@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from captioner.apps import cli
 from captioner.apps.api import Captioner, _torch_threads
+from captioner.data.images import load_image, preprocess
 from captioner.decode import decode
-from captioner.features.encoder import load_image, preprocess
 from captioner.io import atomic_write_json
 
 FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "flickr8k"

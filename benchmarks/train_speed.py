@@ -16,10 +16,10 @@ import torch
 
 from captioner.config import Config
 from captioner.data.datasets import load_prepared
-from captioner.features.store import CaptionDataset, FeatureStore, collate_images
+from captioner.features.store import FeatureStore
 from captioner.io import atomic_write_json
 from captioner.model import ShowAttendTell, caption_loss
-from captioner.train import epoch_batches
+from captioner.train_data import CaptionDataset, collate_images, epoch_batches
 
 
 def report_run(rundir):

@@ -1,7 +1,7 @@
 """Truthful descriptions: object hallucination (CHAIR), object recall and COCO-toolkit scores of what people are
 told, on everyday photos (../shared/coco-ood-dev) and on Flickr8k dev, with and without grounding, plus the
-confidence curve (share of the model's sentences naming a false object, among those at or above a confidence;
-what is said below 0.7 is hedged, see grounding.py).
+confidence curve (share of descriptions naming a false object, among those at or above a confidence; what is
+said below 0.4 starts with "Probably", see grounding.py).
 
     python benchmarks/truthfulness.py [--model CKPT] [--work work/flickr8k] [--beam 3]
         -> benchmarks/results/truthfulness.json, benchmarks/results/truthfulness.png
@@ -23,15 +23,15 @@ from captioner.evaluation.evaluate import evaluate, load_split
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOWN = ("chair_s", "chair_i", "object_recall", "bleu4", "meteor", "cider")
-LEVELS = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9)
+LEVELS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def run(model, data, split, beam, grounded, out) -> tuple[dict, list]:
     m = evaluate(model, data, split, beam_size=beam, out=out, grounded=grounded, progress=False)
     refs = {r.image_id: r.captions for r in load_split(data, split)}
     captions = json.loads((Path(out) / "captions.json").read_text())
-    # the curve is over the model's own sentence (what `confidence` is about), not the hedged text
-    _, per = chair({c["image_id"]: c.get("model_caption", c["caption"]) for c in captions}, refs)
+    # the curve is over what people are told (`text`), which `confidence` is about
+    _, per = chair({c["image_id"]: c["caption"] for c in captions}, refs)
     rows = [(c.get("confidence"), bool(per[c["image_id"]]["false"])) for c in captions]
     return {k: m.get(k) for k in SHOWN}, rows
 
@@ -43,14 +43,19 @@ def curve(rows) -> list[dict]:
              "false_object_share": float(false[conf >= q].mean()) if (conf >= q).any() else None} for q in LEVELS]
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(doc: str, out: str) -> argparse.Namespace:
+    """The options of the benchmarks that measure both dev sets (this one and grounding_sweep.py)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
     ap.add_argument("--work", default=str(ROOT / "work" / "flickr8k"), help="prepared Flickr8k WORKDIR")
     ap.add_argument("--ood", default=str(ROOT.parent / "shared" / "coco-ood-dev"))
     ap.add_argument("--beam", type=int, default=3)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "truthfulness.json"))
-    args = ap.parse_args()
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / out))
+    return ap.parse_args()
+
+
+def main():
+    args = parse_args(__doc__, "truthfulness.json")
     sets = {"coco-ood-dev": (args.ood, "test"), "flickr8k-dev": (args.work, "dev")}
     result = {"beam": args.beam, "model": args.model or "shipped", "sets": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,8 +84,8 @@ def plot(result: dict, path: Path) -> None:
         pts = [p for p in entry["grounded"]["confidence_curve"] if p["false_object_share"] is not None]
         ax.plot([p["confidence_at_least"] for p in pts], [100 * p["false_object_share"] for p in pts], "o-", label=name)
     ax.set_xlabel("confidence at least")
-    ax.set_ylabel("sentences naming a false object (%)")
-    ax.set_title("Model sentences at or above a confidence")
+    ax.set_ylabel("descriptions naming a false object (%)")
+    ax.set_title("Descriptions at or above a confidence")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -82,8 +82,9 @@ def test_fills_only_missing_alt_and_keeps_every_other_byte(site, tmp_path):
     cap = NameCaptioner()
     report = fill_alt_text(site, tmp_path / "out.html", cap)
     a, b, c = (expected_alt(PIXELS[n]).encode() for n in ("a.png", "b.png", "sub/c d.png"))
-    expected = fill(TEMPLATE, {1: b' alt="' + a + b'"', 2: b'alt="' + b + b'"', 3: b'alt="' + c + b'"',
-                               4: b'alt="' + b + b'"', 5: b'alt="' + a + b'"', 6: b' alt="' + b + b'"'})
+    m = b'" data-alt-generated="captioner"'  # every generated alt is marked as such
+    expected = fill(TEMPLATE, {1: b' alt="' + a + m, 2: b'alt="' + b + m, 3: b'alt="' + c + m,
+                               4: b'alt="' + b + m, 5: b'alt="' + a + m, 6: b' alt="' + b + m})
     assert report.data == expected
     assert (tmp_path / "out.html").read_bytes() == expected
     assert site.read_bytes() == fill(TEMPLATE, ORIGINAL)  # the input page is not touched
@@ -105,7 +106,7 @@ def test_caption_is_escaped_and_ascii(tmp_path):
     cap = NameCaptioner(special={"x.png": 'a "quoted" <b>bold</b> & caf\u00e9 sign'})
     report = fill_alt_text(page, None, cap)
     assert report.data == (b'<p><img alt="A &quot;quoted&quot; &lt;b&gt;bold&lt;/b&gt; &amp; caf&#233; sign." '
-                           b'src="x.png"></p>')
+                           b'data-alt-generated="captioner" src="x.png"></p>')
     assert html.unescape(report.filled[0][1]) == 'A "quoted" <b>bold</b> & caf\u00e9 sign.'
     assert not (tmp_path / "None").exists()
 
@@ -140,5 +141,6 @@ def test_cli_with_real_model(site, tmp_path, capsysbinary, model_path):
     assert b"6 alt texts filled" in captured.err and b"broken.png" in captured.err
     # outside the alt attributes the page is unchanged: strip them from both and compare
     import re
-    strip = lambda b: re.sub(rb"""\s*\balt(\s*=\s*("[^"]*"|'[^']*'|[^\s>]*))?(?=[\s/>])""", b"", b, flags=re.I)
+    strip = lambda b: re.sub(rb"""\s*\b(alt|data-alt-generated)(\s*=\s*("[^"]*"|'[^']*'|[^\s>]*))?(?=[\s/>])""", b"",
+                             b, flags=re.I)
     assert strip(out) == strip(site.read_bytes())

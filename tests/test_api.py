@@ -8,7 +8,7 @@ from helpers import png_bomb
 from PIL import Image
 
 from captioner.apps.api import Captioner, CaptionResult
-from captioner.features.encoder import ImageError
+from captioner.data.images import ImageError
 
 
 @pytest.fixture(scope="module")

@@ -430,3 +430,136 @@ def test_phone_layout_speech_toggle_and_camera(chromium, server, tmp_path):
     print(f"phone screenshot: {shot}")
     assert errors == []
     page.close()
+
+
+# Records what live mode sends and receives, and the camera streams it opens (to see them released).
+LIVE_MODE_SPY = """
+window.__answers = []; window.__sockets = []; window.__streams = [];
+const NativeWebSocket = window.WebSocket;
+window.WebSocket = class extends NativeWebSocket {
+  constructor(...args) {
+    super(...args);
+    window.__sockets.push(this);
+    this.addEventListener('message', (e) => window.__answers.push(JSON.parse(e.data)));
+  }
+};
+if (navigator.mediaDevices) {
+  const getUserMedia = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+  navigator.mediaDevices.getUserMedia = async (c) => {
+    const s = await getUserMedia(c);
+    window.__streams.push(s);
+    return s;
+  };
+}
+"""
+LIVE_PHOTOS = ["camera.jpg", "cat.jpg", "astronaut.jpg"]  # examples/ photos the model describes differently
+SCENE_S, CLIP_FPS = 4, 5
+
+
+def write_y4m(path: Path, photos: list[Path], seconds: float, fps: int, size=(320, 240)) -> None:
+    """A Y4M clip (what Chromium's fake camera plays, in a loop): each photo held still for `seconds`."""
+    import numpy as np
+    from PIL import Image
+    w, h = size
+    with open(path, "wb") as f:
+        f.write(f"YUV4MPEG2 W{w} H{h} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
+        for photo in photos:
+            y, cb, cr = Image.open(photo).convert("RGB").resize(size).convert("YCbCr").split()
+            planes = [np.asarray(y), np.asarray(cb.resize((w // 2, h // 2))), np.asarray(cr.resize((w // 2, h // 2)))]
+            frame = b"FRAME\n" + b"".join(p.tobytes() for p in planes)
+            f.write(frame * int(seconds * fps))
+
+
+def test_live_mode_describes_each_scene_once_pauses_and_releases_camera(chromium, server, tmp_path):
+    clip = tmp_path / "clip.y4m"
+    write_y4m(clip, [REPO / "examples" / name for name in LIVE_PHOTOS], SCENE_S, CLIP_FPS)
+    browser = chromium.browser_type.launch(executable_path=CHROMIUM,
+                                           args=[*CHROMIUM_ARGS, f"--use-file-for-fake-video-capture={clip}"])
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    for script in (SPEECH_SPY, LIVE_SPY, LIVE_MODE_SPY):
+        page.add_init_script(script)
+    if AXE_JS.is_file():
+        page.add_init_script(path=str(AXE_JS))
+    errors = watch_errors(page)
+    page.goto(server)
+    page.check("#speak")
+
+    # keyboard only: Tab reaches "Describe live", Enter starts it
+    page.focus("#camera-start")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "live-start"
+    started = time.time()
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#live-indicator:not([hidden])", timeout=15_000)
+    assert "Live" in page.inner_text("#live-indicator") and "Esc" in page.inner_text("#live-indicator")
+    # every scene of the clip is described and said
+    wait_until(page, f"new Set(window.__spoken).size >= {len(LIVE_PHOTOS)}", 120)
+    page.wait_for_timeout(2000)
+    elapsed = time.time() - started
+    spoken = page.evaluate("window.__spoken")
+    answers = [a for a in page.evaluate("window.__answers") if "text" in a]
+    print(f"live: {len(answers)} frames described in {elapsed:.0f} s; said {spoken}")
+    # one frame in flight: the server never had to drop a frame of this page's, and answered them in order
+    frames = [a["frame"] for a in answers]
+    assert all(a["dropped"] == 0 for a in answers) and frames == sorted(frames), answers
+    assert all(a != b for a, b in zip(spoken, spoken[1:])), spoken  # never the same sentence twice in a row
+    assert set(spoken) <= {a["text"] for a in answers}  # what was said is what the server described
+    # said once per scene change, not for every frame: at most one sentence per scene the clip has shown
+    assert len(spoken) <= elapsed / SCENE_S + 1, (spoken, elapsed)
+    assert len(answers) >= 2 * len(spoken), (len(answers), spoken)
+    # the screen follows the scene; the live region says what the voice says, once each
+    assert page.inner_text("#caption").strip() in {a["text"] for a in answers[-3:]}
+    heard = [e["text"] for e in page.evaluate("window.__live") if e["id"] == "announce" and e["text"] in spoken]
+    assert heard == spoken
+    assert [e for e in page.evaluate("window.__live") if e["busy"]] == []
+    if AXE_JS.is_file():
+        report = page.evaluate(AXE_RUN, AXE_TAGS)
+        assert report["passed"] > 0 and report["violations"] == [], report["violations"]
+
+    # Esc pauses (no more frames go out, beyond the one in flight) and resumes
+    page.keyboard.press("Escape")
+    assert "paused" in page.inner_text("#live-indicator")
+    assert page.inner_text("#live-pause") == "Resume"
+    page.wait_for_timeout(1000)
+    count = page.evaluate("window.__answers.length")
+    page.wait_for_timeout(1500)
+    assert page.evaluate("window.__answers.length") == count
+    page.keyboard.press("Escape")
+    wait_until(page, f"window.__answers.length > {count}", 30)
+
+    # Stop: the socket closes, the camera is released, focus returns to the control that starts it again
+    page.click("#live-stop")
+    wait_until(page, "window.__sockets.every((s) => s.readyState === WebSocket.CLOSED)", 10)
+    assert page.evaluate("window.__streams.length") >= 1
+    assert page.evaluate("window.__streams.every((s) => s.getTracks().every((t) => t.readyState === 'ended'))")
+    assert page.is_hidden("#camera") and page.is_hidden("#live-indicator")
+    assert page.evaluate("document.activeElement.id") == "live-start"
+    assert errors == []
+    browser.close()
+
+
+def test_video_upload_lists_each_scene_once(chromium, server, photo, expected, tmp_path):
+    from test_video import PHOTOS, SECONDS, make_clip
+    clip = make_clip(tmp_path / "holiday.mp4", [REPO / "examples" / name for name in PHOTOS], SECONDS)
+    page, errors = open_page(chromium, server)
+    if AXE_JS.is_file():
+        page.add_init_script(path=str(AXE_JS))
+        page.reload()
+    page.set_input_files("#file", str(clip))
+    wait_until(page, "document.querySelectorAll('#scenes li').length > 0", 120)
+    scenes = page.locator("#scenes li").all_inner_texts()
+    assert len(scenes) == len(PHOTOS) and scenes[0].startswith("0:00.0 to 0:02.5: "), scenes
+    summary = f"holiday.mp4: {len(PHOTOS)} scenes described."
+    assert page.inner_text("#caption").strip() == summary
+    page.wait_for_timeout(600)
+    assert [e["text"] for e in said(page, summary)] == [f"{summary} Play the video to hear each scene as it starts."]
+    assert page.get_attribute("#clip track", "kind") == "descriptions"
+    assert page.get_attribute("#vtt-link", "href").startswith("blob:")
+    assert page.evaluate(UNNAMED_CONTROLS) == []
+    if AXE_JS.is_file():
+        report = page.evaluate(AXE_RUN, AXE_TAGS)
+        assert report["passed"] > 0 and report["violations"] == [], report["violations"]
+    caption_photo(page, photo, expected["said"])  # a photo next: the video and its scenes go away
+    assert page.is_hidden("#video-result") and page.locator("#scenes li").count() == 0
+    assert errors == []
+    page.close()

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner.features.encoder import (ENCODERS, ONNX_ATOL, Encoder, ImageError, encoder_top, get_spec, load_image,
-                                        preprocess, pretrained_net)
+from captioner.data.images import ImageError, load_image, preprocess
+from captioner.features.encoder import ENCODERS, ONNX_ATOL, Encoder, encoder_top, get_spec, pretrained_net
 
 # Flickr8k photos whose five captions all say "dog"
 DOGS = ["1001773457_577c3a7d70.jpg", "1003163366_44323f5815.jpg", "1015584366_dfcec3c85a.jpg"]

@@ -7,7 +7,7 @@ from captioner.apps.api import Captioner
 from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.data.objects import object_classes
 from captioner.decode import decode
-from captioner.grounding import CLASSES, Grounding, GroundingSettings, evidence_labels, train_evidence
+from captioner.grounding import CLASSES, Grounding, GroundingSettings, evidence_labels, fit_domain, train_evidence
 
 
 def _heads(**settings) -> Grounding:
@@ -17,7 +17,7 @@ def _heads(**settings) -> Grounding:
 
 
 def _evidence(**classes) -> torch.Tensor:
-    e = torch.full((len(CLASSES),), 0.5)
+    e = torch.full((len(CLASSES),), 0.05)
     for c, p in classes.items():
         e[CLASSES.index(c.replace("_", " "))] = p
     return e
@@ -34,39 +34,64 @@ ITOS = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "dogs", "puppy", "man"
 
 
 def test_word_bias_bans_unsupported_objects_and_boosts_concepts():
-    g = _heads(weight=1.0, ban_below=0.1, boost=2.0)
-    ev = _evidence(dog=0.05, person=0.9, cat=0.6).unsqueeze(0)
-    bias = g.word_bias(_concepts(g, cat=0.5).unsqueeze(0), ev, ITOS)[0]
-    assert torch.isinf(bias[[5, 6, 7]]).all()                     # every dog word
-    assert bias[8] == pytest.approx(np.log(0.9))                  # man <- person
-    assert bias[9] == pytest.approx(np.log(0.6) + 2.0 * 0.5)      # cat: evidence and the concept's boost
-    assert bias[10] == 0 and bias[11] == 0                        # the colour orange and non-objects are free
+    g = _heads(weight=1.0, ban_below=0.1, ban_unfamiliar=0.7, familiar_above=0.5, boost=2.0)
+    ev = _evidence(dog=0.05, person=0.6, cat=0.8).expand(2, -1)
+    familiar = torch.tensor([True, False])
+    bias = g.word_bias(_concepts(g, cat=0.5).expand(2, -1), ev, familiar, ITOS)
+    assert torch.isinf(bias[:, [5, 6, 7]]).all()                  # every dog word, on both photos
+    assert bias[0, 8] == pytest.approx(np.log(0.6))               # man <- person, named on the familiar photo
+    assert torch.isinf(bias[1, 8])                                # ... but 0.6 is too little on the unfamiliar one
+    assert bias[1, 9] == pytest.approx(np.log(0.8) + 2.0 * 0.5)   # cat: evidence and the concept's boost
+    g.settings.ban_class = {"person": 0.65}                      # a class that needs more, even on familiar photos
+    assert torch.isinf(g.word_bias(_concepts(g).expand(2, -1), ev, familiar, ITOS)[0, 8])
+    assert (bias[:, [10, 11]] == 0).all()                         # the colour orange and non-objects are free
+
+
+def test_familiarity_is_high_on_training_like_grids_and_low_elsewhere():
+    g = Grounding(channels=8, centroids=4)
+    rng = torch.Generator().manual_seed(0)
+    train = torch.cat([torch.randn(50, 16, generator=rng) * 0.1 + torch.eye(16)[i] * 3 for i in range(4)])
+    fit_domain(g, train)
+    near = g.familiarity(torch.eye(16)[:4] * 3)  # one photo like each cluster
+    far = g.familiarity(torch.eye(16)[4:8] * 3)  # like none of them
+    assert (near > 0.9).all() and (far < 0.5).all()
+    assert torch.equal(Grounding(channels=8).familiarity(train[:3]), torch.ones(3))  # no centroids: familiar
+
+
+def test_an_object_close_up_is_unfamiliar_but_a_dog_is_not():
+    g = _heads(familiar_above=0.5, object_photo_above=0.6)
+    concepts = torch.stack([_concepts(g), _concepts(g, cat=0.9), _concepts(g, dog=0.9), _concepts(g)])
+    familiarity = torch.tensor([0.9, 0.9, 0.9, 0.3])
+    assert g.familiar(concepts, familiarity).tolist() == [True, False, True, False]
 
 
 def test_describe_says_less_when_unsure():
-    g = _heads(strict_below=0.7, hedge_below=0.7, add_concepts=0.5)
-    no_concepts = _concepts(g)
-    sure = g.describe("a dog runs on the grass", no_concepts, _evidence(dog=0.95))
+    g = _heads(hedge_below=0.5, add_concepts=0.5, familiar_above=0.5, maybe_above=0.3)
+    none = _concepts(g)
+    sure = g.describe("a dog runs on the grass", none, _evidence(dog=0.95))
     assert sure["text"] == "a dog runs on the grass" and sure["confidence"] == pytest.approx(0.95)
-    # a weak object, and a strict sentence that still names one: the strict sentence is said
-    strict = g.describe("a dog runs", no_concepts, _evidence(dog=0.2, person=0.9), strict="a man runs")
-    assert strict["text"] == "a man runs" and strict["confidence"] == pytest.approx(0.9)
-    # the strict sentence names nothing (it comes out broken): the confident tags instead
-    tags = g.describe("a dog runs", _concepts(g, cat=0.9), _evidence(dog=0.2, person=0.1), strict="a black is")
-    assert tags["text"] == "Image may contain: cat" and tags["confidence"] == pytest.approx(0.2)  # the sentence's
+    # a weakly backed object: said with less certainty
+    weak = g.describe("a dog runs", none, _evidence(dog=0.3, person=0.9))
+    assert weak["text"] == "Probably a dog runs" and weak["confidence"] == pytest.approx(0.3)
+    # a sentence naming nothing on an unfamiliar photo (its subjects were forbidden): the ImageNet concepts
+    tags = g.describe("a black and white is sitting", _concepts(g, cat=0.9, rocket=0.2), _evidence())
+    assert tags["text"] == "Image may contain: cat" and tags["confidence"] == pytest.approx(0.9)
     assert tags["concepts"][0] == {"word": "cat", "p": 0.9}
-    # only a fairly probable ImageNet concept: listed (the evidence head's weak person is not)
-    maybe = g.describe("a dog runs", _concepts(g, rocket=0.4), _evidence(dog=0.2, person=0.6))
-    assert maybe["text"] == "Image may contain: rocket"
-    # nothing probable at all: it says so, or hedges the caption when asked to
-    unsure = g.describe("a dog runs", no_concepts, _evidence(dog=0.2, person=0.1))
-    assert unsure["text"] == "Not sure what this photo shows" and unsure["confidence"] == pytest.approx(0.2)
-    g.settings.unsure_text = ""
-    assert g.describe("a dog runs", no_concepts, _evidence(dog=0.2, person=0.1))["text"] == "Probably a dog runs"
-    # a confident concept the caption misses is added to it
-    added = g.describe("a man sits at a table", _concepts(g, cup=0.9, coffee=0.8),
-                       _evidence(person=0.9, dining_table=0.8))
-    assert added["text"] == "a man sits at a table with a coffee and a cup"
+    # ... and with no probable concept, it says it is unsure
+    unsure = g.describe("a black and white is sitting", none, _evidence())
+    assert unsure["text"] == "Not sure what this photo shows" and unsure["confidence"] == 0
+    # a sentence that names no object is as sure as the most evident class the head learnt
+    assert g.confidence("a street at night", _evidence(car=0.3)) == pytest.approx(0.3)
+    # the most evident object the caption misses is added to it, under its plain word
+    added = g.describe("a man sits in a room", _concepts(g, cup=0.9), _evidence(person=0.9, cup=0.9, dining_table=0.8))
+    assert added["text"] == "a man sits in a room with a cup"
+    table = g.describe("a man sits", none, _evidence(person=0.9, dining_table=0.8))
+    assert table["text"] == "a man sits with a table" and table["confidence"] == pytest.approx(0.8)
+
+
+def test_settings_of_earlier_versions_still_load():
+    s = GroundingSettings.from_dict({"weight": 0.3, "strict_below": 0.7})
+    assert s.weight == 0.3 and not hasattr(s, "strict_below")
 
 
 def test_evidence_head_learns_which_objects_captions_name():

@@ -10,9 +10,11 @@ from captioner.apps.api import Captioner
 from captioner.checkpoint import load_checkpoint
 from captioner.config import Config
 from captioner.data.datasets import load_prepared
-from captioner.features.encoder import Encoder, load_image, preprocess
-from captioner.features.store import CaptionDataset, FeatureStore, build_features
+from captioner.data.images import load_image, preprocess
+from captioner.features.encoder import Encoder
+from captioner.features.store import FeatureStore, build_features
 from captioner.train import train
+from captioner.train_data import CaptionDataset
 from test_train import TINY, _train_cmd, assert_killed_and_resumed_equals_straight
 
 
@@ -105,4 +107,5 @@ def test_cli_set_overrides_config_fields(tiny_workdir, tmp_path, capsys):
     assert main(["train", str(tiny_workdir), "--out", str(tmp_path / "x"), "--set", "decoder_size=1"]) == 2
     assert main(["train", str(tiny_workdir), "--out", str(tmp_path / "y"), "--set", "nothing"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: --set: unknown config keys: decoder_size", "error: --set: expected KEY=VALUE, got 'nothing'"]
+    assert err == ["error: --set: unknown config keys: decoder_size (did you mean decoder_dim?)",
+                   "error: --set: expected KEY=VALUE, got 'nothing'"]

@@ -12,8 +12,8 @@ from captioner.apps.cli import main as cli_main
 from captioner.data.datasets import load_prepared
 from captioner.data.vocab import Vocabulary
 from captioner.features.encoder import Encoder
-from captioner.features.store import (FEATURES_FILE, INDEX_FILE, CaptionDataset, FeatureStore, build_features,
-                                      collate_images, store_dir)
+from captioner.features.store import FEATURES_FILE, INDEX_FILE, FeatureStore, build_features, store_dir
+from captioner.train_data import CaptionDataset, collate_images
 
 pytestmark = pytest.mark.slow  # real weights, real photos
 

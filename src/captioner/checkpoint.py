@@ -134,11 +134,14 @@ def _load_grounding(path, header: dict, heads: dict):
         return None
     from captioner.grounding import Grounding, GroundingSettings
     try:
-        settings = GroundingSettings(**json.loads(header.get("grounding", "{}")))
-    except (TypeError, ValueError) as e:
+        settings = GroundingSettings.from_dict(json.loads(header.get("grounding", "{}")))
+    except (TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path}: damaged grounding settings in the header ({e})") from None
-    g = Grounding(settings=settings)
+    centroids = heads.get("domain_centroids")  # absent in checkpoints of earlier versions
+    g = Grounding(settings=settings, centroids=0 if centroids is None else len(centroids))
     expected = g.state_dict()
+    if centroids is None:
+        heads = {**heads, **{k: expected[k] for k in ("domain_mean", "domain_centroids")}}
     check_weights(path, {GROUNDING_PREFIX + k: v for k, v in heads.items()},
                   {GROUNDING_PREFIX + k: v for k, v in expected.items()})
     g.load_state_dict({k: v.to(expected[k].dtype) for k, v in heads.items()})

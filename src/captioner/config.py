@@ -1,10 +1,13 @@
 """The one configuration dataclass: model sizes, training and data settings.
 
-Every checkpoint stores it as JSON, so a model can always be rebuilt exactly as trained.
+The defaults are the 2-core CPU recipe (configs/flickr8k.toml); a TOML file holds only what it changes, and
+a key the dataclass does not have is an error. Every checkpoint stores the whole config as JSON, so a model
+can always be rebuilt exactly as trained.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import tomllib
 from dataclasses import dataclass
@@ -30,16 +33,16 @@ class Config:
     tie_weights: bool = False
     alpha_c: float = 1.0        # doubly stochastic attention regulariser
     # training
-    epochs: int = 12
+    epochs: int = 8
     batch_size: int = 32        # images per batch; each brings all its captions
-    lr: float = 4e-4
+    lr: float = 1e-3
     weight_decay: float = 1e-2
     grad_clip: float = 5.0
-    warmup_steps: int = 200
+    warmup_steps: int = 100
     label_smoothing: float = 0.0
     flip_prob: float = 0.0      # train on the mirror image (left/right swapped) this often; needs `features --flip`
     finetune_lr_scale: float = 0.1  # learning rate of the CNN top of a "-cutK" encoder, relative to lr
-    patience: int = 3           # epochs without dev improvement before stopping
+    patience: int = 2           # epochs without dev improvement before stopping
     select_metric: str = "cider"  # "cider" or "bleu4", from real greedy decoding on dev
     # "xent": teacher forcing with cross-entropy; "scst": self-critical REINFORCE on CIDEr-D (start from --init)
     objective: str = "xent"
@@ -56,7 +59,9 @@ class Config:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+            hints = [f"{k} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, names, 1)) else k
+                     for k in unknown]
+            raise ValueError(f"unknown config keys: {', '.join(hints)}")
         return cls(**d)
 
     @classmethod

@@ -1,6 +1,9 @@
-"""Turning image features into words: greedy and beam search, batched over many images.
+"""Turning image features into words: greedy and beam search, batched over many images, and sampling for
+self-critical training.
 
-Beams live in the batch dimension (rows = images x beams) so one `model.step` call advances every
+All three take the same decoder step, `next_logprobs` (the model's next-word log-probabilities with the
+banned words cut out, plus a per-image word bias and trigram blocking), and differ only in which words they
+keep. Beams live in the batch dimension (rows = images x beams) so one `model.step` call advances every
 hypothesis of every image at once; images whose search is over leave the batch.
 """
 from __future__ import annotations
@@ -85,6 +88,37 @@ def _block_repeated_trigrams(logp: torch.Tensor, seqs: list[list[int]]) -> None:
                 logp[row, seq[i + 2]] = -float("inf")
 
 
+# --- the decoder step every search strategy takes ------------------------------------------------
+
+def next_logprobs(model: ShowAttendTell, vocab: Vocabulary, tokens: torch.Tensor, state, *, may_end: bool,
+                  suppress_unk: bool = True, bad_ends: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                  history: list[list[int]] | None = None, force_end: bool = False, renormalise: bool = False):
+    """One decoder step for every row: previous words `tokens` (rows,) -> (log-probabilities (rows, V) of the
+    next word with the banned words at -inf, attention (rows, R), next state).
+
+    `bias` (rows, V) is added to the log-probabilities (grounded decoding); `history` (the words of each row so
+    far) blocks repeated trigrams; `force_end` bans everything but <end>. Searches rank by the model's
+    probabilities with the banned words cut out; sampling (`renormalise`) draws from a distribution over the
+    allowed words alone, so the ban is applied before the softmax and the result stays differentiable."""
+    logits, alpha, state = model.step(tokens, state)
+    if force_end:
+        ban = torch.ones(logits.size(1), dtype=torch.bool, device=logits.device)
+        ban[vocab.end_id] = False
+    else:
+        ban = banned_words(vocab, logits.size(1), tokens, may_end, suppress_unk=suppress_unk, bad_ends=bad_ends)
+    if renormalise:
+        logp = torch.log_softmax(logits.float().masked_fill(ban, -float("inf")), dim=1)
+    else:
+        logp = torch.log_softmax(logits.float(), dim=1).masked_fill_(ban, -float("inf"))
+    if bias is not None:
+        logp += bias
+    if history is not None:
+        _block_repeated_trigrams(logp, history)
+    return logp, alpha, state
+
+
+# --- greedy ------------------------------------------------------------------------------------------
+
 @torch.no_grad()
 def greedy(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, max_len: int = 30,
            min_len: int = 1, suppress_unk: bool = True, block_trigrams: bool = True,
@@ -100,14 +134,10 @@ def greedy(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, 
     alive = list(range(B))  # image of each remaining row
     bad_ends = bad_ending_ids(vocab, features.device) if block_bad_endings else None
     for t in range(max_len):
-        logits, _, state = model.step(tokens, state)
-        logp = torch.log_softmax(logits.float(), dim=1).masked_fill_(
-            banned_words(vocab, logits.size(1), tokens, t >= min_len, suppress_unk=suppress_unk, bad_ends=bad_ends),
-            -float("inf"))
-        if bias is not None:
-            logp += bias.to(logp.device)[alive]
-        if block_trigrams:
-            _block_repeated_trigrams(logp, [seqs[i] for i in alive])
+        logp, _, state = next_logprobs(
+            model, vocab, tokens, state, may_end=t >= min_len, suppress_unk=suppress_unk, bad_ends=bad_ends,
+            bias=None if bias is None else bias.to(features.device)[alive],
+            history=[seqs[i] for i in alive] if block_trigrams else None)
         best, words = logp.max(dim=1)
         keep = []
         for row, (img, w, s) in enumerate(zip(alive, words.tolist(), best.tolist())):
@@ -123,6 +153,105 @@ def greedy(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, 
     return [Caption(vocab.decode(s), sc) for s, sc in zip(seqs, scores)]
 
 
+# --- beam search ---------------------------------------------------------------------------------------
+
+class _Finished:
+    """The ended hypotheses of every image: (score, word ids, attention or None), scores length-normalised."""
+
+    def __init__(self, n_images: int, beam_size: int, length_norm: float):
+        self.hyps: list[list[tuple[float, list[int], np.ndarray | None]]] = [[] for _ in range(n_images)]
+        self.beam_size, self.length_norm = beam_size, length_norm
+
+    def add(self, image: int, score: float, seq: list[int], attention: np.ndarray | None) -> None:
+        if self.length_norm:
+            score = score / (len(seq) + 1) ** self.length_norm
+        self.hyps[image].append((score, seq, attention))
+
+    def done(self, image: int) -> bool:
+        """An image's search is over once it has `beam_size` ended hypotheses."""
+        return len(self.hyps[image]) >= self.beam_size
+
+    def best(self, vocab: Vocabulary, n_best: int) -> list[list[Caption]]:
+        return [[Caption(vocab.decode(seq), score, None if att is None else att[:len(seq)])
+                 for score, seq, att in sorted(hyps, key=lambda h: -h[0])[:n_best]] for hyps in self.hyps]
+
+
+class _Beams:
+    """The live hypotheses: K rows per image still searching (row b*K + k is beam k of block b), their
+    scores (blocks, K), words so far and, when asked, attention so far."""
+
+    def __init__(self, model, vocab: Vocabulary, features: torch.Tensor, beam_size: int, keep_attention: bool):
+        B, K, device = features.size(0), beam_size, features.device
+        self.model, self.K, self.V, self.device = model, K, model.vocab_size, device
+        self.keep_attention = keep_attention
+        self.end_id = vocab.end_id
+        self.state = model.select_state(model.init_state(features), torch.arange(B, device=device).repeat_interleave(K))
+        self.tokens = torch.full((B * K,), vocab.start_id, dtype=torch.long, device=device)
+        # Only the first beam of each image is live at the start, so the K beams do not start identical.
+        self.scores = torch.full((B, K), -float("inf"), device=device)
+        self.scores[:, 0] = 0.0
+        self.seqs = torch.zeros((B * K, 0), dtype=torch.long, device=device)
+        self.attn = torch.zeros((B * K, 0, features.size(1)), device=device)
+        self.images = list(range(B))  # original image of each block still searching
+
+    def advance(self, logp: torch.Tensor, alpha: torch.Tensor, finished: _Finished) -> None:
+        """Extend every beam by the K best of its image's K x V candidates; those that end are finished."""
+        K, V = self.K, self.V
+        total = (self.scores.view(-1, 1) + logp).view(len(self.images), K * V)
+        # 2K candidates always leave K that do not end (each beam has a single <end> candidate).
+        cand_scores, cand = total.topk(2 * K, dim=1)
+        beam, word = cand // V, cand % V
+        ended = word == self.end_id
+        # Ended candidates ranked inside the top K become finished hypotheses.
+        for b, k in (ended[:, :K] & torch.isfinite(cand_scores[:, :K])).nonzero().tolist():
+            row = b * K + beam[b, k].item()
+            att = None
+            if self.keep_attention:
+                att = np.concatenate([self.attn[row].cpu().numpy(), alpha[row:row + 1].cpu().numpy()], 0)
+            finished.add(self.images[b], cand_scores[b, k].item(), self.seqs[row].tolist(), att)
+        # The K best candidates that do not end carry on (stable sort keeps their rank order).
+        rank = ended.long() * (2 * K) + torch.arange(2 * K, device=self.device)
+        keep = rank.argsort(dim=1)[:, :K]
+        self.scores = cand_scores.gather(1, keep)
+        blocks = torch.arange(len(self.images), device=self.device)
+        src_rows = (blocks.unsqueeze(1) * K + beam.gather(1, keep)).view(-1)
+        self.tokens = word.gather(1, keep).view(-1)
+        self.seqs = torch.cat([self.seqs.index_select(0, src_rows), self.tokens.unsqueeze(1)], 1)
+        if self.keep_attention:
+            self.attn = torch.cat([self.attn.index_select(0, src_rows),
+                                   alpha.index_select(0, src_rows).unsqueeze(1)], 1)
+        self.state = self.model.select_state(self.state, src_rows)
+
+    def finish_live(self, finished: _Finished) -> None:
+        """Out of length: the live beams of every unfinished image compete as they are."""
+        for b, img in enumerate(self.images):
+            if finished.done(img):
+                continue
+            for k in range(self.K):
+                if torch.isfinite(self.scores[b, k]):
+                    row = b * self.K + k
+                    finished.add(img, self.scores[b, k].item(), self.seqs[row].tolist(),
+                                  self.attn[row].cpu().numpy() if self.keep_attention else None)
+
+    def drop_done(self, finished: _Finished) -> bool:
+        """Images whose search is over leave the batch. Returns whether any image is still searching."""
+        done = [finished.done(img) for img in self.images]
+        if not any(done):
+            return True
+        blocks = [b for b, d in enumerate(done) if not d]
+        if not blocks:
+            return False
+        K, device = self.K, self.device
+        rows = (torch.tensor(blocks, device=device).unsqueeze(1) * K + torch.arange(K, device=device)).view(-1)
+        self.images = [self.images[b] for b in blocks]
+        self.scores = self.scores[blocks]
+        self.state = self.model.select_state(self.state, rows, torch.tensor(blocks, device=self.device))
+        self.tokens, self.seqs = self.tokens[rows], self.seqs[rows]
+        if self.keep_attention:
+            self.attn = self.attn[rows]
+        return True
+
+
 @torch.no_grad()
 def decode(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, beam_size: int = 1,
            max_len: int = 30, min_len: int = 1, n_best: int = 1, length_norm: float = 0.0,
@@ -136,88 +265,24 @@ def decode(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, 
     log-probability). `bias` (B, V) is added to each image's word log-probabilities (grounded decoding).
     """
     model.eval()
-    K, V, dev = beam_size, model.vocab_size, features.device
-    B = features.size(0)
-    n_best = min(n_best, K)
-
-    state = model.select_state(model.init_state(features), torch.arange(B, device=dev).repeat_interleave(K))
-    tokens = torch.full((B * K,), vocab.start_id, dtype=torch.long, device=dev)
-    # Only the first beam of each image is live at the start, so the K beams do not start identical.
-    beam_scores = torch.full((B, K), -float("inf"), device=dev)
-    beam_scores[:, 0] = 0.0
-    seqs = torch.zeros((B * K, 0), dtype=torch.long, device=dev)
-    attn = torch.zeros((B * K, 0, features.size(1)), device=dev)
-    images = list(range(B))  # original image of each row block still searching
-    finished: list[list[tuple[float, list[int], np.ndarray | None]]] = [[] for _ in range(B)]
-
-    def finish(img, score, seq, att):
-        norm = score / (len(seq) + 1) ** length_norm if length_norm else score
-        finished[img].append((norm, seq, att))
-
-    bad_ends = bad_ending_ids(vocab, dev) if block_bad_endings else None
+    beams = _Beams(model, vocab, features, beam_size, return_attention)
+    finished = _Finished(features.size(0), beam_size, length_norm)
+    bad_ends = bad_ending_ids(vocab, features.device) if block_bad_endings else None
     for t in range(max_len):
-        logits, alpha, state = model.step(tokens, state)
-        logp = torch.log_softmax(logits.float(), dim=1).masked_fill_(
-            banned_words(vocab, logits.size(1), tokens, t >= min_len, suppress_unk=suppress_unk, bad_ends=bad_ends),
-            -float("inf"))
-        if bias is not None:
-            logp += bias.to(dev)[images].repeat_interleave(K, 0)
-        if block_trigrams and t >= 2:
-            _block_repeated_trigrams(logp, seqs.tolist())
-        total = (beam_scores.view(-1, 1) + logp).view(len(images), K * V)
-        # 2K candidates always leave K that do not end (each beam has a single <end> candidate).
-        cand_scores, cand = total.topk(2 * K, dim=1)
-        beam, word = cand // V, cand % V
-        ended = word == vocab.end_id
-
-        # Ended candidates ranked inside the top K become finished hypotheses.
-        for b, k in (ended[:, :K] & torch.isfinite(cand_scores[:, :K])).nonzero().tolist():
-            row = b * K + beam[b, k].item()
-            att = attn[row].cpu().numpy() if return_attention else None
-            if att is not None:
-                att = np.concatenate([att, alpha[row:row + 1].cpu().numpy()], 0)
-            finish(images[b], cand_scores[b, k].item(), seqs[row].tolist(), att)
-
-        # The K best candidates that do not end carry on (stable sort keeps their rank order).
-        rank = ended.long() * (2 * K) + torch.arange(2 * K, device=dev)
-        keep = rank.argsort(dim=1)[:, :K]
-        beam_scores = cand_scores.gather(1, keep)
-        src_rows = (torch.arange(len(images), device=dev).unsqueeze(1) * K + beam.gather(1, keep)).view(-1)
-        tokens = word.gather(1, keep).view(-1)
-        seqs = torch.cat([seqs.index_select(0, src_rows), tokens.unsqueeze(1)], 1)
-        if return_attention:
-            attn = torch.cat([attn.index_select(0, src_rows), alpha.index_select(0, src_rows).unsqueeze(1)], 1)
-        state = model.select_state(state, src_rows)
-
-        done = [len(finished[img]) >= K for img in images]
-        if t == max_len - 1:  # out of length: the live beams compete as they are
-            for b, img in enumerate(images):
-                if not done[b]:
-                    for k in range(K):
-                        if torch.isfinite(beam_scores[b, k]):
-                            row = b * K + k
-                            finish(img, beam_scores[b, k].item(), seqs[row].tolist(),
-                                   attn[row].cpu().numpy() if return_attention else None)
+        logp, alpha, beams.state = next_logprobs(
+            model, vocab, beams.tokens, beams.state, may_end=t >= min_len, suppress_unk=suppress_unk,
+            bad_ends=bad_ends,
+            bias=None if bias is None else bias.to(features.device)[beams.images].repeat_interleave(beam_size, 0),
+            history=beams.seqs.tolist() if block_trigrams and t >= 2 else None)
+        beams.advance(logp, alpha, finished)
+        if t == max_len - 1:
+            beams.finish_live(finished)
+        elif not beams.drop_done(finished):
             break
-        if any(done):
-            blocks = [b for b, d in enumerate(done) if not d]
-            if not blocks:
-                break
-            rows = (torch.tensor(blocks, device=dev).unsqueeze(1) * K + torch.arange(K, device=dev)).view(-1)
-            images = [images[b] for b in blocks]
-            beam_scores = beam_scores[blocks]
-            state = model.select_state(state, rows, torch.tensor(blocks, device=dev))
-            tokens, seqs = tokens[rows], seqs[rows]
-            if return_attention:
-                attn = attn[rows]
+    return finished.best(vocab, min(n_best, beam_size))
 
-    results = []
-    for img in range(B):
-        hyps = sorted(finished[img], key=lambda h: -h[0])[:n_best]
-        results.append([Caption(vocab.decode(seq), score, None if att is None else att[:len(seq)])
-                        for score, seq, att in hyps])
-    return results
 
+# --- sampling, for self-critical training ------------------------------------------------------------
 
 def sample(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, n: int, *, max_len: int = 30):
     """Draw n captions per image from the model's own distribution, keeping the graph: the policy
@@ -226,18 +291,15 @@ def sample(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, n: 
     Returns words (B*n, T) (rows of image b are b*n .. b*n+n-1), the log-probability of each drawn word
     (B*n, T), differentiable, and a mask (B*n, T) of the steps that count (words and the <end>).
     The same words are banned as in decoding (<pad>, <start>, <unk>; <end> first or after a BAD_ENDINGS word)."""
-    B, dev = features.size(0), features.device
-    state = model.select_state(model.init_state(features), torch.arange(B, device=dev).repeat_interleave(n))
-    tokens = torch.full((B * n,), vocab.start_id, dtype=torch.long, device=dev)
-    bad_ends = bad_ending_ids(vocab, dev)
-    only_end = torch.ones(model.vocab_size, dtype=torch.bool, device=dev)
-    only_end[vocab.end_id] = False
-    alive = torch.ones(B * n, dtype=torch.bool, device=dev)
+    B, device = features.size(0), features.device
+    state = model.select_state(model.init_state(features), torch.arange(B, device=device).repeat_interleave(n))
+    tokens = torch.full((B * n,), vocab.start_id, dtype=torch.long, device=device)
+    bad_ends = bad_ending_ids(vocab, device)
+    alive = torch.ones(B * n, dtype=torch.bool, device=device)
     words, logps, masks = [], [], []
     for t in range(max_len + 1):  # max_len words, then <end> is forced
-        logits, _, state = model.step(tokens, state)
-        ban = only_end if t == max_len else banned_words(vocab, model.vocab_size, tokens, t > 0, bad_ends=bad_ends)
-        logp = torch.log_softmax(logits.float().masked_fill(ban, -float("inf")), dim=1)
+        logp, _, state = next_logprobs(model, vocab, tokens, state, may_end=t > 0, bad_ends=bad_ends,
+                                       force_end=t == max_len, renormalise=True)
         word = torch.multinomial(logp.detach().exp(), 1).squeeze(1)
         word = torch.where(alive, word, torch.full_like(word, vocab.pad_id))
         words.append(word)

@@ -8,6 +8,9 @@ writes files.
 
 RUNDIR gets: config.json, last.safetensors and best.safetensors (weights + config + vocabulary +
 metadata), state.safetensors (optimiser and RNG state, for --resume), log.csv and curves.png.
+
+Read `train` first: `_setup` builds the run, then every epoch is `train_epoch` (batches, `train_step`) and
+`evaluate_and_checkpoint` (dev scores, checkpoints, early stopping). The helpers above it are the pieces.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,25 +37,13 @@ from captioner.data.datasets import PreparedData, load_prepared
 from captioner.decode import greedy, sample
 from captioner.evaluation.cider import CiderD
 from captioner.evaluation.metrics import ptb_tokenize
-from captioner.features.store import CaptionDataset, FeatureStore, collate_images
+from captioner.features.store import FeatureStore
 from captioner.io import atomic_write_bytes, atomic_write_text
 from captioner.model import ShowAttendTell, caption_loss
+from captioner.train_data import CaptionDataset, collate_images, epoch_batches
 
 
-# --- batches -------------------------------------------------------------------------------------
-
-def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Shuffled batches of images with similar caption lengths, so little work goes into padding.
-    Depends only on (seed, epoch): a resumed run sees exactly the batches it would have seen."""
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths))
-    chunk = batch_size * 50
-    batches = []
-    for i in range(0, len(order), chunk):
-        part = sorted(order[i:i + chunk], key=lambda j: lengths[j])
-        batches += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
-
+# --- learning rate -------------------------------------------------------------------------------
 
 def lr_at(step: int, total: int, config: Config) -> float:
     """Linear warm-up, then cosine decay to a tenth of the peak."""
@@ -208,6 +200,57 @@ def _check_run_folder(rundir: Path, resume: bool, force: bool) -> bool:
     return False
 
 
+@dataclass
+class Progress:
+    """Where a run stands; state.safetensors keeps it, so a resumed run carries on from here."""
+    epoch: int = 0        # the next epoch to train
+    step: int = 0         # optimiser steps so far
+    best: float = -1.0    # the best dev score (config.select_metric) so far
+    bad_epochs: int = 0   # epochs since it improved
+    history: list = field(default_factory=list)  # one log row per epoch
+
+
+@dataclass
+class Run:
+    """What one training run works with, built once by `_setup`."""
+    config: Config
+    rundir: Path
+    device: torch.device
+    rank: int
+    world: int
+    data: PreparedData
+    store: FeatureStore
+    train_set: CaptionDataset
+    model: ShowAttendTell
+    net: torch.nn.Module            # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    lengths: list[int]              # caption length of each training image, for batching
+    steps_per_epoch: int
+    meta: dict                      # what every checkpoint's metadata says about the run
+    cider: CiderD | None            # the reward of self-critical training (None: cross-entropy)
+    progress: Progress
+
+    @property
+    def main(self) -> bool:  # rank 0 alone scores dev and writes files
+        return self.rank == 0
+
+    @property
+    def scst(self) -> bool:
+        return self.cider is not None
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.config.epochs
+
+
+@dataclass
+class EpochStats:
+    """What one epoch of training measured, for the log."""
+    fit: dict        # {"train_loss"} or {"train_reward", "train_baseline"}: means over the epoch
+    seconds: float
+    captions: int    # captions this rank trained on (sampled ones in self-critical training)
+
+
 def train(workdir, out, config: Config | None = None, *, init=None, resume: bool = False,
           device: str | None = None, progress: bool = True, stop_after_steps: int | None = None,
           force: bool = False) -> dict:
@@ -216,20 +259,48 @@ def train(workdir, out, config: Config | None = None, *, init=None, resume: bool
     `resume` continues the run in `out` (refused when it has no state.safetensors); `force` starts afresh
     in a folder that holds a run, overwriting it.
     `stop_after_steps` ends the run abruptly after that many optimiser steps (for tests of resume)."""
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    else:
-        rank, world = 0, 1
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    main = rank == 0
+    rank, world = _start_processes()
     rundir = Path(out)
-
     resuming = _check_run_folder(rundir, resume, force)
-    if resuming:  # the run's own config wins; only the number of epochs may be extended
+    config = _run_config(rundir, config, resuming=resuming, init=init, distributed=world > 1)
+    random.seed(config.seed), np.random.seed(config.seed), torch.manual_seed(config.seed)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run = _setup(workdir, rundir, config, init=init, resuming=resuming, device=device, rank=rank, world=world)
+
+    for epoch in range(run.progress.epoch, run.config.epochs):
+        stats = train_epoch(run, epoch, show_progress=progress, stop_after_steps=stop_after_steps)
+        stop = run.main and evaluate_and_checkpoint(run, epoch, stats)
+        if world > 1:  # every rank stops together
+            flag = [stop]
+            dist.broadcast_object_list(flag, src=0)
+            stop = flag[0]
+        if stop:
+            if run.main:
+                print(f"early stop: no dev {run.config.select_metric} improvement for {run.config.patience} epochs")
+            break
+
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return {"best": run.progress.best, "history": run.progress.history, "rundir": str(rundir)}
+
+
+# --- setup ---------------------------------------------------------------------------------------
+
+def _start_processes() -> tuple[int, int]:
+    """(rank, world size): 0, 1 alone; under torchrun, joins the process group (nccl on GPUs, gloo on CPUs)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _run_config(rundir: Path, config: Config | None, *, resuming: bool, init, distributed: bool) -> Config:
+    """The config the run trains with, checked: a resumed run's own config wins (only the number of epochs
+    may be extended); otherwise `config`, or the defaults."""
+    if resuming:
         try:
             saved = Config.from_json((rundir / "config.json").read_text())
         except (OSError, ValueError, TypeError) as e:
@@ -239,15 +310,19 @@ def train(workdir, out, config: Config | None = None, *, init=None, resume: bool
     if config.objective not in ("xent", "scst") or config.scst_baseline not in ("mean", "greedy"):
         raise ValueError(f"objective must be 'xent' or 'scst' and scst_baseline 'mean' or 'greedy', not "
                          f"{config.objective!r} / {config.scst_baseline!r}")
-    scst = config.objective == "scst"
-    if scst and distributed:
-        raise ValueError("self-critical training runs in one process; start it without torchrun")
-    if scst and config.scst_baseline == "mean" and config.scst_samples < 2:
-        raise ValueError("scst_baseline 'mean' needs scst_samples >= 2")
-    if scst and not (init or resuming):
-        raise ValueError("self-critical training starts from a trained model: pass --init CHECKPOINT")
-    random.seed(config.seed), np.random.seed(config.seed), torch.manual_seed(config.seed)
+    if config.objective == "scst":
+        if distributed:
+            raise ValueError("self-critical training runs in one process; start it without torchrun")
+        if config.scst_baseline == "mean" and config.scst_samples < 2:
+            raise ValueError("scst_baseline 'mean' needs scst_samples >= 2")
+        if not (init or resuming):
+            raise ValueError("self-critical training starts from a trained model: pass --init CHECKPOINT")
+    return config
 
+
+def _setup(workdir, rundir: Path, config: Config, *, init, resuming: bool, device: torch.device, rank: int,
+           world: int) -> Run:
+    """Data, model, optimiser and, when resuming, the saved progress (weights, optimiser and RNG state)."""
     data = load_prepared(workdir)
     store = FeatureStore.open(workdir, config.encoder)
     spec = store.spec
@@ -262,112 +337,117 @@ def train(workdir, out, config: Config | None = None, *, init=None, resume: bool
             raise ValueError(f"{init}: its vocabulary differs from {workdir}'s; prepare the data the same way")
         model.load_state_dict(start.model.state_dict())
     model = model.to(device)
-    if main:
+    if rank == 0:
         rundir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(rundir / "config.json", json.dumps(json.loads(config.to_json()), indent=2) + "\n")
 
-    net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
-    cnn = [p for name, p in model.named_parameters() if name.startswith("top.")]  # a "-cutK" encoder's top
-    rest = [p for name, p in model.named_parameters() if not name.startswith("top.")]
-    groups = [{"params": rest, "lr_scale": 1.0}] + ([{"params": cnn, "lr_scale": config.finetune_lr_scale}] * bool(cnn))
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    start_epoch, step, best, bad_epochs, history = 0, 0, -1.0, 0, []
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    optimizer = _optimizer(model, config)
+    progress = Progress()
     if resuming:
         meta = load_state(rundir / "state.safetensors", model, optimizer)
-        start_epoch, step, best = meta["epoch"] + 1, meta["step"], meta["best"]
-        bad_epochs, history = meta["bad_epochs"], meta["history"]
-        if main:
-            print(f"resuming {rundir} after epoch {meta['epoch'] + 1} (step {step})")
+        progress = Progress(meta["epoch"] + 1, meta["step"], meta["best"], meta["bad_epochs"], meta["history"])
+        if rank == 0:
+            print(f"resuming {rundir} after epoch {meta['epoch'] + 1} (step {progress.step})")
 
     lengths = [min(config.max_len, max(len(t) for t in data.tokens[i])) for i in train_set.image_ids]
     steps_per_epoch = len(epoch_batches(lengths, config.batch_size, config.seed, 0)) // world
-    total_steps = steps_per_epoch * config.epochs
-    meta_base = {"name": rundir.name, "encoder": config.encoder, "input_size": spec.input_size,
-                 "grid": list(spec.grid), "workdir": str(workdir), "init": str(init) if init else None}
-    if scst:  # document frequencies from the training references, once (as in the SCST papers)
+    meta = {"name": rundir.name, "encoder": config.encoder, "input_size": spec.input_size,
+            "grid": list(spec.grid), "workdir": str(workdir), "init": str(init) if init else None}
+    cider = None
+    if config.objective == "scst":  # document frequencies from the training references, once (as in the SCST papers)
         train_ids = set(train_set.image_ids)
         cider = CiderD({r.image_id: [ptb_tokenize(c) for c in r.captions]
                         for r in data.records if r.image_id in train_ids})
-    use_bf16 = device.type == "cuda"
+    return Run(config, rundir, device, rank, world, data, store, train_set, model, net, optimizer, lengths,
+               steps_per_epoch, meta, cider, progress)
 
-    for epoch in range(start_epoch, config.epochs):
-        batches = epoch_batches(lengths, config.batch_size, config.seed, epoch)
-        batches = batches[rank::world][:steps_per_epoch]
-        train_set.epoch = epoch
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=collate_images,
-                                             num_workers=config.num_workers)
-        net.train()
-        t0, seen, loss_sum, reward_sum, baseline_sum, n = time.time(), 0, 0.0, 0.0, 0.0, 0
-        bar = tqdm(zip(batches, loader), total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}",
-                   disable=not (progress and main), unit="batch", dynamic_ncols=True)
-        for batch, (feats, caps, index) in bar:
-            feats, caps, index = feats.to(device), caps.to(device), index.to(device)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, total_steps, config) * g.get("lr_scale", 1.0)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                if scst:
-                    ids = [train_set.image_ids[i] for i in batch]
-                    loss, reward, baseline = scst_loss(model, data.vocab, feats, ids, cider, config)
-                else:
-                    logits, alphas = net(feats, caps, index)
-            if not scst:
-                loss, xent = caption_loss(logits.float(), alphas.float(), caps, config, data.vocab.pad_id)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            step += 1
-            n += 1
-            if scst:
-                seen += feats.size(0) * config.scst_samples
-                reward_sum, baseline_sum = reward_sum + reward, baseline_sum + baseline
-                bar.set_postfix(reward=f"{reward_sum / n:.3f}", baseline=f"{baseline_sum / n:.3f}",
-                                caps_s=f"{seen / (time.time() - t0):.0f}")
-            else:
-                seen += caps.size(0)
-                loss_sum += xent.item()
-                bar.set_postfix(loss=f"{loss_sum / n:.3f}", caps_s=f"{seen * world / (time.time() - t0):.0f}")
-            if stop_after_steps is not None and step >= stop_after_steps:
-                os._exit(3)  # simulate kill -9: no cleanup, nothing flushed
-        train_secs = time.time() - t0
 
-        stop = False
-        if main:
-            scores, _ = dev_scores(model, data, store, device=device, max_len=config.max_len)
-            fit = ({"train_reward": round(reward_sum / max(n, 1), 4),
-                    "train_baseline": round(baseline_sum / max(n, 1), 4)}
-                   if scst else {"train_loss": round(loss_sum / max(n, 1), 4)})
-            row = {"epoch": epoch + 1, "step": step, **fit,
-                   "lr": optimizer.param_groups[0]["lr"], "train_secs": round(train_secs, 1),
-                   "captions_per_sec": round(seen * world / train_secs, 1),
-                   **{k: round(v, 4) for k, v in scores.items() if v is not None}}
-            history.append(row)
-            score = scores[config.select_metric]
-            meta = {**meta_base, "epoch": epoch + 1, "dev_scores_greedy": scores}
-            save_checkpoint(rundir / "last.safetensors", model, data.vocab, config, meta)
-            if score > best:
-                best, bad_epochs = score, 0
-                save_checkpoint(rundir / "best.safetensors", model, data.vocab, config, meta)
-            else:
-                bad_epochs += 1
-            save_state(rundir / "state.safetensors", model, optimizer, epoch, step, best, bad_epochs, history)
-            write_logs(rundir, history)
-            fit_text = (f"reward {row['train_reward']:.3f} (baseline {row['train_baseline']:.3f})" if scst
-                        else f"loss {row['train_loss']:.3f}")
-            print(f"epoch {epoch + 1}: {fit_text}, {row['captions_per_sec']:.0f} captions/s, "
-                  f"{train_secs:.0f} s; dev greedy BLEU-4 {scores['bleu4']:.4f} CIDEr-D {scores['cider']:.4f}"
-                  f"{'  (best)' if bad_epochs == 0 else ''}", flush=True)
-            stop = bad_epochs >= config.patience
-        if distributed:
-            flag = [stop]
-            dist.broadcast_object_list(flag, src=0)
-            stop = flag[0]
-        if stop:
-            if main:
-                print(f"early stop: no dev {config.select_metric} improvement for {config.patience} epochs")
-            break
+def _optimizer(model: ShowAttendTell, config: Config) -> torch.optim.Optimizer:
+    """AdamW; a "-cutK" encoder's top (the fine-tuned CNN blocks) learns at finetune_lr_scale of the rate."""
+    cnn = [p for name, p in model.named_parameters() if name.startswith("top.")]
+    rest = [p for name, p in model.named_parameters() if not name.startswith("top.")]
+    groups = [{"params": rest, "lr_scale": 1.0}] + ([{"params": cnn, "lr_scale": config.finetune_lr_scale}] * bool(cnn))
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
-    return {"best": best, "history": history, "rundir": str(rundir)}
+
+# --- one epoch -------------------------------------------------------------------------------------
+
+def train_epoch(run: Run, epoch: int, *, show_progress: bool = True, stop_after_steps: int | None = None) -> EpochStats:
+    """One pass over this rank's share of the epoch's batches."""
+    config, progress = run.config, run.progress
+    batches = epoch_batches(run.lengths, config.batch_size, config.seed, epoch)
+    batches = batches[run.rank::run.world][:run.steps_per_epoch]
+    run.train_set.epoch = epoch
+    loader = torch.utils.data.DataLoader(run.train_set, batch_sampler=batches, collate_fn=collate_images,
+                                         num_workers=config.num_workers)
+    run.net.train()
+    sums = dict.fromkeys(("reward", "baseline") if run.scst else ("loss",), 0.0)
+    t0, seen, n = time.time(), 0, 0
+    bar = tqdm(zip(batches, loader), total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}",
+               disable=not (show_progress and run.main), unit="batch", dynamic_ncols=True)
+    for batch, (feats, caps, index) in bar:
+        for g in run.optimizer.param_groups:
+            g["lr"] = lr_at(progress.step, run.total_steps, config) * g.get("lr_scale", 1.0)
+        measured = train_step(run, batch, feats.to(run.device), caps.to(run.device), index.to(run.device))
+        progress.step += 1
+        n += 1
+        seen += feats.size(0) * config.scst_samples if run.scst else caps.size(0)
+        for key, value in measured.items():
+            sums[key] += value
+        bar.set_postfix(**{key: f"{total / n:.3f}" for key, total in sums.items()},
+                        caps_s=f"{seen * run.world / (time.time() - t0):.0f}")
+        if stop_after_steps is not None and progress.step >= stop_after_steps:
+            os._exit(3)  # simulate kill -9: no cleanup, nothing flushed
+    fit = {f"train_{key}": round(total / max(n, 1), 4) for key, total in sums.items()}
+    return EpochStats(fit, time.time() - t0, seen)
+
+
+def train_step(run: Run, batch: list[int], feats, caps, index) -> dict[str, float]:
+    """One optimiser step on one batch. Returns what it measured: the cross-entropy, or the mean reward of
+    the sampled captions and of their baseline."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
+        if run.scst:
+            ids = [run.train_set.image_ids[i] for i in batch]
+            loss, reward, baseline = scst_loss(run.model, run.data.vocab, feats, ids, run.cider, run.config)
+            measured = {"reward": reward, "baseline": baseline}
+        else:
+            logits, alphas = run.net(feats, caps, index)
+    if not run.scst:
+        loss, xent = caption_loss(logits.float(), alphas.float(), caps, run.config, run.data.vocab.pad_id)
+        measured = {"loss": xent.item()}
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.grad_clip)
+    run.optimizer.step()
+    return measured
+
+
+# --- after each epoch: dev selection and checkpoints -------------------------------------------------
+
+def evaluate_and_checkpoint(run: Run, epoch: int, stats: EpochStats) -> bool:
+    """Rank 0 after each epoch: greedy dev scores, last.safetensors, best.safetensors when dev improved, the
+    resumable state and the logs. Returns whether to stop early (no improvement for `patience` epochs)."""
+    config, progress = run.config, run.progress
+    scores, _ = dev_scores(run.model, run.data, run.store, device=run.device, max_len=config.max_len)
+    row = {"epoch": epoch + 1, "step": progress.step, **stats.fit,
+           "lr": run.optimizer.param_groups[0]["lr"], "train_secs": round(stats.seconds, 1),
+           "captions_per_sec": round(stats.captions * run.world / stats.seconds, 1),
+           **{k: round(v, 4) for k, v in scores.items() if v is not None}}
+    progress.history.append(row)
+    meta = {**run.meta, "epoch": epoch + 1, "dev_scores_greedy": scores}
+    save_checkpoint(run.rundir / "last.safetensors", run.model, run.data.vocab, config, meta)
+    if scores[config.select_metric] > progress.best:
+        progress.best, progress.bad_epochs = scores[config.select_metric], 0
+        save_checkpoint(run.rundir / "best.safetensors", run.model, run.data.vocab, config, meta)
+    else:
+        progress.bad_epochs += 1
+    save_state(run.rundir / "state.safetensors", run.model, run.optimizer, epoch, progress.step, progress.best,
+               progress.bad_epochs, progress.history)
+    write_logs(run.rundir, progress.history)
+    fit_text = (f"reward {row['train_reward']:.3f} (baseline {row['train_baseline']:.3f})" if run.scst
+                else f"loss {row['train_loss']:.3f}")
+    print(f"epoch {epoch + 1}: {fit_text}, {row['captions_per_sec']:.0f} captions/s, "
+          f"{stats.seconds:.0f} s; dev greedy BLEU-4 {scores['bleu4']:.4f} CIDEr-D {scores['cider']:.4f}"
+          f"{'  (best)' if progress.bad_epochs == 0 else ''}", flush=True)
+    return progress.bad_epochs >= config.patience

@@ -14,7 +14,9 @@ folder, symlinks included, are skipped); images marked decorative (role="present
 aria-hidden="true") are left alone; <img> text inside raw-text elements (<textarea>, <title>, <xmp>,
 <iframe>, <noembed>, <noframes>, <plaintext>, as well as <script> and <style>) is text, not an image, and is
 never touched; an image that is missing or cannot be read is reported (one line naming the file) and its
-tag left untouched.
+tag left untouched. Each alt text written carries data-alt-generated="captioner", so people and tools can tell
+it from a person's and review it; with a minimum confidence, images whose description is less certain are left
+without one and reported instead.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ class AltTextReport:
     decorative: int = 0                                          # marked decorative: left alone
     skipped: list[str] = field(default_factory=list)             # remote or src-less images, one line each
     errors: list[str] = field(default_factory=list)              # unreadable images, one line each naming the file
+    unsure: list[str] = field(default_factory=list)              # below min_confidence: left alone, one line each
 
 
 class _ImgFinder(HTMLParser):
@@ -137,14 +140,22 @@ def alt_from_caption(caption: str) -> str:
     return caption[:1].upper() + caption[1:] + ("" if caption.endswith((".", "!", "?")) else ".") if caption else ""
 
 
-def fill_alt_text(html_path, out_path=None, captioner=None, *, beam_size: int = 3, root=None) -> AltTextReport:
+GENERATED_ATTR = 'data-alt-generated="captioner"'  # marks the alt texts this module wrote
+
+
+def fill_alt_text(html_path, out_path=None, captioner=None, *, beam_size: int = 3, root=None,
+                  min_confidence: float = 0.0) -> AltTextReport:
     """Fill the missing or empty alt attributes of local images in `html_path`.
 
     Returns an AltTextReport whose .data is the new page; when `out_path` is given the page is also written
     there atomically (out_path may equal html_path to edit in place; a symlink is written through and an
     existing file keeps its mode). Only images inside `root` (default: the page's folder) are read.
     `captioner` is a captioner.Captioner; None loads the shipped model, and only if some image needs a caption.
+    An image whose description has a confidence below `min_confidence` (or none: a model without grounding
+    heads, when min_confidence > 0) keeps its tag as it was and is listed in report.unsure.
     """
+    if not 0.0 <= min_confidence <= 1.0:
+        raise ValueError(f"min_confidence must be between 0 and 1, got {min_confidence}")
     html_path = Path(html_path)
     root = Path(root) if root is not None else html_path.parent
     if not root.is_dir():
@@ -159,8 +170,28 @@ def fill_alt_text(html_path, out_path=None, captioner=None, *, beam_size: int = 
     finder.close()
 
     report = AltTextReport(data=raw_bytes)
-    todo = []  # (offset, raw tag, alt span or None, src, file)
-    for offset, raw, attrs in finder.imgs:
+    todo = _images_needing_alt(text, finder.imgs, html_path, root, report)
+    if todo:
+        if captioner is None:
+            from captioner.apps.api import Captioner
+            captioner = Captioner.load(beam_size=beam_size)
+        files = list(dict.fromkeys(t[4] for t in todo))  # each file captioned once however often it appears
+        results = {}
+        for i in tqdm(range(0, len(files), 16), desc="captioning", unit="batch", disable=len(files) <= 16):
+            chunk = files[i:i + 16]
+            results.update(zip(chunk, captioner.caption_batch(chunk, beam_size=beam_size)))
+        text = _insert_alts(text, todo, results, report, min_confidence)
+        report.data = bom + text.encode(encoding, errors)
+    if out_path is not None:
+        atomic_write_bytes(out_path, report.data)
+    return report
+
+
+def _images_needing_alt(text: str, imgs: list, html_path: Path, root: Path, report: AltTextReport) -> list[tuple]:
+    """(offset, raw tag, alt span or None, src, file) of each <img> to describe; the others are counted or
+    listed in `report` with the reason they are left alone."""
+    todo = []
+    for offset, raw, attrs in imgs:
         attr = dict(reversed(attrs))  # the first occurrence wins, as in browsers
         alt, src = attr.get("alt"), attr.get("src")
         if alt is not None and alt.strip():
@@ -187,29 +218,28 @@ def fill_alt_text(html_path, out_path=None, captioner=None, *, beam_size: int = 
             report.errors.append(f"{target}: image not found (src={src!r} in {html_path}): left alone")
             continue
         todo.append((offset, raw, span, src, target))
-    if not todo:
-        if out_path is not None:
-            atomic_write_bytes(out_path, report.data)
-        return report
+    return todo
 
-    if captioner is None:
-        from captioner.apps.api import Captioner
-        captioner = Captioner.load(beam_size=beam_size)
-    files = list(dict.fromkeys(t[4] for t in todo))  # each file captioned once however often it appears
-    results = {}
-    for i in tqdm(range(0, len(files), 16), desc="captioning", unit="batch", disable=len(files) <= 16):
-        chunk = files[i:i + 16]
-        results.update(zip(chunk, captioner.caption_batch(chunk, beam_size=beam_size)))
 
+def _insert_alts(text: str, todo: list[tuple], results: dict, report: AltTextReport, min_confidence: float) -> str:
+    """The page with an alt attribute made from each image's caption; failures go to report.errors."""
     # edit from the end of the page backwards so earlier offsets stay valid
     for offset, raw, span, src, target in sorted(todo, key=lambda t: t[0], reverse=True):
         res = results[target]
         if isinstance(res, Exception):
             report.errors.append(f"{error_line(target, res)}: left alone")
             continue
+        if min_confidence > 0 and (res.confidence is None or res.confidence < min_confidence):
+            said = "no confidence (model without grounding heads)" if res.confidence is None else \
+                f"confidence {res.confidence:.2f}"
+            report.unsure.append(f"{target}: {said} is below {min_confidence:g} "
+                                 f"({alt_from_caption(res.text)!r}): left alone")
+            continue
         alt = alt_from_caption(res.text)
         # ASCII-only insertion keeps the page valid in whatever ASCII-compatible charset it declares
         attr_text = 'alt="' + html.escape(alt, quote=True).encode("ascii", "xmlcharrefreplace").decode() + '"'
+        if "data-alt-generated" not in raw.lower():
+            attr_text += " " + GENERATED_ATTR
         if span is None:  # no alt at all: insert right after the tag name
             k = re.match(_NAME, raw).end()
             new_raw = raw[:k] + " " + attr_text + raw[k:]
@@ -219,7 +249,5 @@ def fill_alt_text(html_path, out_path=None, captioner=None, *, beam_size: int = 
         report.filled.append((src, alt))
     report.filled.reverse()  # back to document order
     report.errors.sort()
-    report.data = bom + text.encode(encoding, errors)
-    if out_path is not None:
-        atomic_write_bytes(out_path, report.data)
-    return report
+    report.unsure.sort()
+    return text

@@ -6,16 +6,21 @@
 """
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterable, Iterator, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from captioner.checkpoint import Checkpoint, load_checkpoint
+from captioner.data.images import ImageError, load_image, preprocess
 from captioner.decode import decode
-from captioner.features.encoder import Encoder, ImageError, get_spec, load_image, preprocess
+from captioner.features.encoder import Encoder, get_spec
 from captioner.model import quantize_int8
 
 
@@ -68,13 +73,14 @@ class Captioner:
     the decoding settings, loaded once from one checkpoint file and used by every surface."""
 
     def __init__(self, checkpoint: Checkpoint, encoder: Encoder | None = None, *, beam_size: int = 3,
-                 max_len: int = 30, int8: bool = True, grounded: bool = True, backend: str = "auto"):
+                 max_len: int = 30, int8: bool = True, grounded: bool = True, backend: str = "auto",
+                 threads: int | None = None):
         """`encoder` None loads the checkpoint's encoder (with `backend`) when the first image needs it: a
         caller with cached grids (`evaluate` on a feature store) never pays for it."""
         if encoder is not None and encoder.spec.name != checkpoint.config.encoder:
             raise ValueError(f"{checkpoint.path}: model was trained on {checkpoint.config.encoder} features, "
                              f"encoder is {encoder.spec.name}")
-        self.checkpoint, self._encoder, self._backend = checkpoint, encoder, backend
+        self.checkpoint, self._encoder, self._backend, self._threads = checkpoint, encoder, backend, threads
         self.spec = get_spec(checkpoint.config.encoder)
         # int8 needs the activation ranges measured when the model shipped; older checkpoints decode in float
         ranges = checkpoint.meta.get("int8_ranges")
@@ -87,18 +93,19 @@ class Captioner:
 
     @classmethod
     def load(cls, path=None, *, backend: str = "auto", beam_size: int = 3, max_len: int = 30,
-             int8: bool = True, grounded: bool = True) -> "Captioner":
+             int8: bool = True, grounded: bool = True, threads: int | None = None) -> "Captioner":
         """`path` None loads the shipped Flickr8k model; `backend` picks onnxruntime or torch for the CNN;
         `int8` decodes with int8 weights (several times faster at batch 1; False: the float weights);
-        `grounded` False ignores the model's concept and evidence heads (plain Show, Attend and Tell)."""
+        `grounded` False ignores the model's concept and evidence heads (plain Show, Attend and Tell);
+        `threads` caps onnxruntime's encoder threads (None: one per core)."""
         ckpt = load_checkpoint(path)
-        return cls(ckpt, Encoder.load(ckpt.config.encoder, backend=backend), beam_size=beam_size, max_len=max_len,
-                   int8=int8, grounded=grounded, backend=backend)
+        return cls(ckpt, Encoder.load(ckpt.config.encoder, backend=backend, threads=threads), beam_size=beam_size,
+                   max_len=max_len, int8=int8, grounded=grounded, backend=backend, threads=threads)
 
     @property
     def encoder(self) -> Encoder:
         if self._encoder is None:
-            self._encoder = Encoder.load(self.spec.name, backend=self._backend)
+            self._encoder = Encoder.load(self.spec.name, backend=self._backend, threads=self._threads)
         return self._encoder
 
     @property
@@ -113,7 +120,8 @@ class Captioner:
 
     def caption(self, image, *, beam_size: int | None = None, n_best: int = 1,
                 attention: bool = False) -> CaptionResult:
-        """One image (path, bytes or PIL image) -> its caption. Unreadable images raise ImageError."""
+        """One image -> its caption. An image is a path, bytes, a binary file object (open(..., "rb"), BytesIO),
+        a PIL image or a uint8 array (HxWx3, HxW greyscale, HxWx4 RGBA). Unreadable images raise ImageError."""
         result = self.caption_batch([image], beam_size=beam_size, n_best=n_best, attention=attention)[0]
         if isinstance(result, ImageError):
             raise result
@@ -139,6 +147,21 @@ class Captioner:
                 out[i] = r
         return out
 
+    def caption_iter(self, images: Iterable, batch_size: int = 16, progress: bool | None = None,
+                     **options) -> Iterator[CaptionResult | ImageError]:
+        """caption_batch over any number of images, `batch_size` at a time: results (or ImageErrors) are
+        yielded in order as each batch finishes, so a long list or a generator streams. `progress` None
+        shows a tqdm bar on stderr for inputs of known length over 20; `options` go to caption_batch."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        total = len(images) if isinstance(images, Sized) else None
+        show = progress if progress is not None else total is not None and total > 20
+        items = iter(images)
+        with tqdm(total=total, unit="img", file=sys.stderr, disable=not show) as bar:
+            while batch := list(islice(items, batch_size)):
+                yield from self.caption_batch(batch, **options)
+                bar.update(len(batch))
+
     def caption_features(self, feats, *, beam_size: int | None = None, n_best: int = 1,
                          attention: bool = False) -> list[CaptionResult]:
         """Encoder grids (B, R, C) -> results: the decoding every surface uses (API, CLI, server, library,
@@ -148,28 +171,18 @@ class Captioner:
         feats = torch.from_numpy(np.asarray(feats).astype(np.float16).astype(np.float32))
         grid = self.spec.grid
         with _torch_threads(1), torch.inference_mode():
-            bias = concepts = evidence = None
+            bias = concepts = evidence = familiar = None
             if self.grounding is not None:
-                concepts, evidence = self.grounding(feats)
-                bias = self.grounding.word_bias(concepts, evidence, self.vocab.itos)
-            options = dict(beam_size=beam_size or self.beam_size, max_len=self.max_len, n_best=max(1, n_best),
-                           return_attention=attention)
-            beams = decode(self.model, self.vocab, feats, bias=bias, **options)
-            strict = {}
-            if self.grounding is not None:  # captions naming a weakly supported object: again, without such
-                g = self.grounding
-                weak = [k for k, h in enumerate(beams) if g.confidence(h[0].text, evidence[k]) < g.settings.strict_below]
-                if weak:
-                    ban = g.word_bias(concepts[weak], evidence[weak], self.vocab.itos, ban_below=g.settings.strict_below)
-                    strict = dict(zip(weak, decode(self.model, self.vocab, feats[weak], bias=ban, **options)))
+                concepts, evidence, familiarity = self.grounding(feats)
+                familiar = self.grounding.familiar(concepts, familiarity)
+                bias = self.grounding.word_bias(concepts, evidence, familiar, self.vocab.itos)
+            beams = decode(self.model, self.vocab, feats, bias=bias, beam_size=beam_size or self.beam_size,
+                           max_len=self.max_len, n_best=max(1, n_best), return_attention=attention)
         out = []
         for k, hyps in enumerate(beams):
-            best, said = hyps[0], {}
-            if self.grounding is not None:
-                said = self.grounding.describe(best.text, concepts[k], evidence[k],
-                                               strict[k][0].text if k in strict else None)
-                if k in strict and said["text"].startswith(strict[k][0].text):
-                    best, hyps = strict[k][0], strict[k]  # tokens, score and attention of what is said
+            best = hyps[0]
+            said = {} if self.grounding is None else \
+                self.grounding.describe(best.text, concepts[k], evidence[k])
             att = None
             if attention and best.attention is not None:
                 att = best.attention.reshape(len(best.tokens), *grid)

@@ -24,9 +24,9 @@ def _add_prepare(sub):
     p.add_argument("root", help="dataset folder (Flickr8k, Kaggle, Karpathy JSON) or a custom .csv/.jsonl file")
     p.add_argument("--out", required=True, metavar="WORKDIR", help="folder to write dataset.jsonl, vocab.json, "
                    "summary.json into")
-    p.add_argument("--min-count", type=int, default=5, help="train words seen fewer times become <unk> (5)")
+    p.add_argument("--min-count", type=int, default=5, help="train words seen fewer times become <unk>")
     p.add_argument("--max-len", type=int, default=None, help="cut stored training tokens to this many words")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split drawn when the data has none (0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split drawn when the data has none")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_prepare)
 
@@ -65,8 +65,8 @@ def _add_features(sub):
                    help="lite0, lite1, lite2 (default), concatenations like lite0+lite2, or lite2-cutK to fine-tune "
                         "its top K blocks in training")
     p.add_argument("--flip", action="store_true", help="encode the mirror images (for flip_prob in training)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"])
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"], help="CNN runtime")
+    p.add_argument("--batch-size", type=int, default=32, help="images encoded together")
     p.add_argument("--device", default="cpu", help="cpu, or cuda to encode on a GPU (torch backend)")
     p.set_defaults(run=_run_features)
 
@@ -106,7 +106,7 @@ def _add_train(sub):
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--force", action="store_true",
                    help="start afresh in --out even though it holds a run's outputs (they are overwritten)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", help="cpu or cuda (unset: cuda when available)")
     p.set_defaults(run=_run_train)
 
 
@@ -155,14 +155,15 @@ def _add_evaluate(sub):
     p = sub.add_parser("evaluate", help="decode a split and score it the COCO-toolkit way")
     p.add_argument("--model", help="checkpoint (.safetensors); default: the shipped model")
     p.add_argument("--data", help="prepared WORKDIR or raw dataset ROOT (references and images)")
-    p.add_argument("--split", default="dev", choices=["train", "dev", "test"])
+    p.add_argument("--split", default="dev", choices=["train", "dev", "test"], help="split to score")
     p.add_argument("--beam", type=int, default=3, help="beam size (1 = greedy)")
     p.add_argument("--max-len", type=int, default=30, help="longest caption in words")
     p.add_argument("--batch-size", type=int, default=100, help="images decoded at once")
     p.add_argument("--out", required=True, help="folder for metrics.json, captions.json, report.html")
     p.add_argument("--captions", help="score this COCO results file [{image_id, caption}] instead of a model")
     p.add_argument("--references", help="references: COCO annotations JSON or JSONL of {image, caption}")
-    p.add_argument("--limit", type=int, help="only the first N images of the split (quick checks)")
+    p.add_argument("--max-images", type=int, dest="limit", metavar="N",
+                   help="only the first N images of the split (quick checks)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves its ~10 s JVM start)")
     p.add_argument("--no-int8", dest="int8", action="store_false", help="decode with the float weights")
     p.add_argument("--plain", dest="grounded", action="store_false",
@@ -200,23 +201,42 @@ def _add_caption(sub):
                        "'path<TAB>rank<TAB>score<TAB>caption' per hypothesis), or --json / --csv. A field "
                        "holding a tab, newline or double quote is double-quoted, CSV-style, so every line parses.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
-    p.add_argument("--model", metavar="CKPT", default=None, help="checkpoint (default: the shipped model)")
-    p.add_argument("--beam", type=int, default=3, help="beam size, 1 = greedy (3)")
-    p.add_argument("--n-best", type=int, default=1, help="captions per image, best first (1); at most --beam")
+    _add_model_options(p)
+    p.add_argument("--n-best", type=int, default=1, help="captions per image, best first; at most --beam")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true",
                      help="print a JSON list of {path, text, caption, confidence, concepts, score, alternatives}")
     fmt.add_argument("--csv", action="store_true",
                      help="print CSV: path,text,confidence,tags,caption,score (with --n-best: path,rank,...)")
+    fmt.add_argument("--vtt", action="store_true", help="videos: print WebVTT, one cue per scene (one video)")
+    fmt.add_argument("--srt", action="store_true", help="videos: print SubRip (SRT), one cue per scene (one video)")
     p.add_argument("--attention", metavar="DIR", help="write one PNG per image with per-word attention maps")
-    p.add_argument("--batch-size", type=int, default=16, help="images encoded and decoded together (16)")
-    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"], help="CNN runtime (auto)")
+    p.add_argument("--batch-size", type=int, default=16, help="images encoded and decoded together")
+    p.add_argument("--fps", type=float, default=4.0, help="videos: frames sampled per second")
+    p.add_argument("--scene-threshold", type=float, default=0.12,
+                   help="videos: how different (0-1, on small grayscale thumbnails) a frame must be from the "
+                        "scene's first to start a new scene")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ray = p.add_argument_group("scale-out on Ray (pip install 'captioner[ray]'; apps/scale.py)")
+    ray.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                     help="caption on Ray: alone, a local instance on --ray-cpus cores; 'auto' or HOST:PORT, "
+                          "a running cluster. PATHs may be URIs (s3://...). Needs --out")
+    ray.add_argument("--out", metavar="FILE.jsonl", help="with --ray: one JSON line per photo, appended; "
+                     "photos already in it are skipped, so a rerun resumes")
+    ray.add_argument("--workers", type=int, default=2, metavar="N", help="with --ray: model replicas (actors)")
+    ray.add_argument("--ray-cpus", type=int, default=2, metavar="N", help="with --ray alone: cores of the local instance")
+    p.set_defaults(run=_run_caption)
+
+
+def _add_model_options(p) -> None:
+    """The options that choose and set up the model, spelled the same in every subcommand that captions."""
+    p.add_argument("--model", metavar="CKPT", default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--beam", type=int, default=3, help="beam size, 1 = greedy")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"], help="CNN runtime")
     p.add_argument("--no-int8", dest="int8", action="store_false",
                    help="decode with the float weights instead of int8 (slower, the exact evaluated model)")
     p.add_argument("--plain", dest="grounded", action="store_false",
                    help="ignore the model's concept and evidence heads: the decoder's sentence, never hedged")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(run=_run_caption)
 
 
 def _expand_image_paths(specs: list[str]) -> tuple[list, list[str]]:
@@ -244,7 +264,7 @@ def _expand_image_paths(specs: list[str]) -> tuple[list, list[str]]:
                                            else "no such file or folder"))
             continue
         if not found:
-            problems.append(f"{spec}: " + ("no images found (jpg, png, gif, bmp, webp, tif)" if p.is_dir()
+            problems.append(f"{spec}: " + ("no images found (jpg, png, gif, bmp, webp, tif, heic, avif)" if p.is_dir()
                                            else "no file matches this pattern"))
         paths += found
     for line in skipped:
@@ -266,7 +286,7 @@ def _attention_png(result, path, folder, taken: set) -> None:
     from pathlib import Path
 
     from captioner.evaluation.report import plot_attention
-    from captioner.features.encoder import load_image
+    from captioner.data.images import load_image
     from captioner.io import atomic_write_bytes
     stem, k = Path(path).stem, 1
     while (name := f"{stem}.png" if k == 1 else f"{stem}-{k}.png") in taken:  # same name in two folders
@@ -285,6 +305,15 @@ def _run_caption(args, captioner=None) -> int:
     from tqdm import tqdm
     if args.beam < 1 or args.batch_size < 1 or not 1 <= args.n_best <= args.beam:
         raise UserError("--beam and --batch-size must be at least 1, and --n-best between 1 and --beam")
+    from captioner.apps.video import is_video
+    videos = [p for p in args.paths if is_video(p)]
+    if videos or args.vtt or args.srt:
+        if len(videos) != len(args.paths):
+            raise UserError("give either videos or images, not both" if videos else
+                            "--vtt and --srt are for videos (.mp4, .mkv, .webm, .mov, ...)")
+        return _run_caption_videos(args, videos, captioner)
+    if args.ray or args.out:
+        return _run_caption_ray(args)
     paths, problems = _expand_image_paths(args.paths)
     for line in problems:
         print(f"error: {line}", file=sys.stderr)
@@ -306,10 +335,10 @@ def _run_caption(args, captioner=None) -> int:
         writer.writerow(["path", "rank", "caption", "score"] if args.n_best > 1 else
                         ["path", "text", "confidence", "tags", "caption", "score"])
     bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=args.no_progress or len(paths) <= 20)
-    for i in range(0, len(paths), args.batch_size):
-        batch = paths[i:i + args.batch_size]
-        results = captioner.caption_batch(batch, beam_size=args.beam, n_best=args.n_best,
-                                          attention=bool(args.attention))
+    from captioner.apps.readahead import caption_paths
+    # threads read the next batches while this one is captioned (+13% images/s; benchmarks/readahead.py)
+    for batch, results in caption_paths(captioner, paths, args.batch_size, beam_size=args.beam, n_best=args.n_best,
+                                        attention=bool(args.attention)):
         for path, r in zip(batch, results):
             if isinstance(r, Exception):  # ImageError: its message is already "PATH: reason"
                 failed += 1
@@ -345,20 +374,136 @@ def _run_caption(args, captioner=None) -> int:
     return 2 if problems else 1 if failed else 0
 
 
+def _run_caption_ray(args) -> int:
+    from captioner.apps import scale
+    if not (args.ray and args.out) or args.json or args.csv or args.attention or args.n_best > 1:
+        raise UserError("--ray and --out go together, without --json, --csv, --attention or --n-best")
+    if args.workers < 1 or args.ray_cpus < 1:
+        raise UserError("--workers and --ray-cpus must be at least 1")
+    uris = [s for s in args.paths if scale.is_uri(s)]
+    local = [s for s in args.paths if not scale.is_uri(s)]
+    paths, problems = _expand_image_paths(local) if local else ([], [])
+    for uri in uris:
+        try:
+            paths += scale.list_uri_images(uri)
+        except (OSError, ValueError) as e:  # unknown scheme, missing bucket, no credentials
+            problems.append(f"{uri}: {' '.join(str(e).split())}")
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    if not paths:
+        raise UserError("no images to caption")
+    try:
+        stats = scale.caption_to_jsonl(paths, args.out, address=None if args.ray == "local" else args.ray,
+                                       workers=args.workers, batch_size=args.batch_size, model=args.model,
+                                       beam=args.beam, int8=args.int8, grounded=args.grounded,
+                                       backend=args.backend, num_cpus=args.ray_cpus, progress=not args.no_progress)
+    except (RuntimeError, ValueError, OSError) as e:  # Ray missing, an output file that is not ours
+        raise UserError(str(e).splitlines()[0]) from None
+    print(f"{args.out}: {stats['written']} written, {stats['skipped']} already there, {stats['failed']} failed",
+          file=sys.stderr)
+    return 2 if problems else 1 if stats["failed"] else 0
+
+
+def _load_for(args):
+    from captioner.apps.api import Captioner
+    try:
+        return Captioner.load(args.model, backend=args.backend, beam_size=args.beam, int8=args.int8,
+                              grounded=args.grounded)
+    except (ValueError, RuntimeError, OSError) as e:  # missing/bad checkpoint, failed ONNX export
+        raise UserError(str(e).splitlines()[0]) from None
+
+
+def _run_caption_videos(args, videos: list[str], captioner=None) -> int:
+    """One description per scene: `path<TAB>start<TAB>end<TAB>text` lines, or --vtt / --srt / --json. A damaged
+    video: its cues before the damage are printed, then one error line; exit status 1."""
+    import json
+
+    from captioner.apps.video import VideoError, describe_video, to_json, to_srt, to_vtt
+    if (args.vtt or args.srt) and len(videos) > 1:
+        raise UserError("--vtt and --srt write one video at a time (or use --json)")
+    if args.fps <= 0 or not 0 < args.scene_threshold < 1:
+        raise UserError("--fps must be positive and --scene-threshold between 0 and 1")
+    captioner = captioner or _load_for(args)
+    failed, docs = 0, []
+    for path in videos:
+        error = None
+        try:
+            cues = describe_video(captioner, path, fps=args.fps, threshold=args.scene_threshold,
+                                  batch_size=args.batch_size, progress=not args.no_progress)
+        except VideoError as e:
+            cues, error = e.cues, str(e)
+            failed += 1
+        if args.vtt or args.srt:
+            sys.stdout.write((to_vtt if args.vtt else to_srt)(cues))
+        elif args.json:
+            docs.append(json.loads(to_json(cues, path, error)))
+        else:
+            for c in cues:
+                print(f"{path}\t{c.start:.3f}\t{c.end:.3f}\t{c.text}")
+        sys.stdout.flush()
+        if error:
+            print(f"error: {error}" + (f"; kept the {len(cues)} scenes before it" if cues else ""),
+                  file=sys.stderr)
+    if args.json:
+        print(json.dumps(docs, indent=2, ensure_ascii=False))
+    return 1 if failed else 0
+
+
+# --- live --------------------------------------------------------------------------------
+
+def _add_live(sub):
+    p = sub.add_parser("live", help="describe a camera, stream or video as it plays: one line per scene change",
+                       description="Reads SOURCE with PyAV (a camera such as /dev/video0, a stream URL such as "
+                       "rtsp://..., or a video file) and prints 'time<TAB>text<TAB>tags' each time the scene "
+                       "changes, or one JSON object per line with --json.")
+    p.add_argument("source", help="camera device, stream URL or video file")
+    p.add_argument("--format", dest="fmt", default=None,
+                   help="demuxer PyAV should use (v4l2 for /dev/video*, which is the default there)")
+    p.add_argument("--json", action="store_true", help="JSON lines: {start, text, caption, confidence, tags}")
+    _add_model_options(p)
+    p.add_argument("--fps", type=float, default=4.0, help="frames looked at per second")
+    p.add_argument("--scene-threshold", type=float, default=0.12, help="see `captioner caption --help`")
+    p.set_defaults(run=_run_live)
+
+
+def _run_live(args) -> int:
+    import json
+
+    from captioner.apps.video import VideoError, describe_live
+    if args.fps <= 0 or not 0 < args.scene_threshold < 1 or args.beam < 1:
+        raise UserError("--fps and --beam must be positive and --scene-threshold between 0 and 1")
+    captioner = _load_for(args)
+    try:
+        for cue in describe_live(captioner, args.source, fps=args.fps, threshold=args.scene_threshold,
+                                 fmt=args.fmt):
+            d = cue.to_dict()
+            d.pop("end")  # unknown while it plays
+            print(json.dumps(d, ensure_ascii=False) if args.json
+                  else f"{cue.start:9.2f}\t{cue.text}\t{', '.join(cue.tags)}", flush=True)
+    except VideoError as e:
+        raise UserError(str(e)) from None
+    return 0
+
+
 # --- serve -------------------------------------------------------------------------------
 
 def _add_serve(sub):
     p = sub.add_parser("serve", help="HTTP API and accessible web page")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback lets other machines in")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--model", metavar="CKPT", default=None, help="checkpoint (default: the shipped model)")
     p.add_argument("--max-upload-mb", type=float, default=10, help="larger uploads get 413")
     p.add_argument("--db", metavar="LIBRARY", default=None, help="SQLite photo library to search")
-    p.add_argument("--max-batch", type=int, default=16, help="micro-batch size; 1 turns batching off")
+    p.add_argument("--batch-size", type=int, default=16, dest="max_batch", metavar="N",
+                   help="most requests captioned together (micro-batching); 1 turns batching off")
+    p.add_argument("--max-batch", type=int, dest="max_batch", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # its old name
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="another host name clients use to reach the server (repeatable; '*' allows any). "
                         "Loopback names, IP addresses and --host are always allowed; other names are refused "
                         "so that web pages cannot reach the server through DNS rebinding")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="URL",
+                   help="a web site (origin, e.g. https://example.com) whose pages may call the API (repeatable; "
+                        "'*' allows any); without it other sites' pages cannot POST to the server")
     p.set_defaults(run=_run_serve)
 
 
@@ -366,7 +511,7 @@ def _run_serve(args) -> int:
     from captioner.apps.server import serve
     try:
         serve(args.host, args.port, model=args.model, max_upload_mb=args.max_upload_mb, db=args.db,
-              max_batch=args.max_batch, allow_hosts=args.allow_host)
+              max_batch=args.max_batch, allow_hosts=args.allow_host, cors_origins=args.cors_origin)
     except (OSError, ValueError) as e:
         raise UserError(f"serve: {e}") from None
     return 0
@@ -376,24 +521,41 @@ def _run_serve(args) -> int:
 
 def _add_library(sub):
     p = sub.add_parser("index", help="caption every image under a folder into an SQLite library")
-    p.add_argument("folder", help="folder searched recursively for jpg/jpeg/png/gif/bmp/webp/tif/tiff")
-    p.add_argument("--db", default="library.sqlite", help="SQLite library to create or update (library.sqlite)")
-    p.add_argument("--model", default=None, metavar="CKPT", help="checkpoint (default: the shipped model)")
-    p.add_argument("--beam", type=int, default=3, help="beam size (3)")
-    p.add_argument("--n-best", type=int, default=3, help="captions kept and searched per image (3)")
-    p.add_argument("--batch-size", type=int, default=16, help="images captioned and committed together (16)")
+    p.add_argument("folder", help="folder searched recursively for jpg/jpeg/png/gif/bmp/webp/tif/tiff/heic/heif/avif")
+    p.add_argument("--db", default="library.sqlite", help="SQLite library to create or update")
+    _add_model_options(p)
+    p.add_argument("--n-best", type=int, default=3, help="captions kept and searched per image")
+    p.add_argument("--batch-size", type=int, default=16, help="images captioned and committed together")
     p.add_argument("--recaption", action="store_true",
                    help="caption every image again, changed or not (e.g. after upgrading the model)")
+    p.add_argument("--write-metadata", action="store_true",
+                   help="also write each photo's description and tags to an XMP sidecar, PHOTO.xmp (e.g. "
+                        "photo.jpg.xmp), which digiKam, darktable and Lightroom read; the photo is not touched")
+    p.add_argument("--in-file", action="store_true",
+                   help="with --write-metadata: write into the image file's own XMP instead (needs exiftool; "
+                        "metadata only, the pixels are not re-encoded)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_index)
+    p = sub.add_parser("tag", help="caption photos and write their description and tags as XMP metadata",
+                       description="Writes each photo's description (dc:description) and tags (dc:subject) to an "
+                       "XMP sidecar PHOTO.xmp next to it, marked as generated by captioner; an existing sidecar "
+                       "is merged (a person's description and keywords stay). The photo itself is never opened "
+                       "for writing unless --in-file is given.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
+    _add_model_options(p)
+    p.add_argument("--in-file", action="store_true",
+                   help="write into the image file's own XMP instead of a sidecar (needs exiftool)")
+    p.add_argument("--batch-size", type=int, default=16, help="images captioned together")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_tag)
     p = sub.add_parser("search", help="search a library by words")
     p.add_argument("query", help="free text; every word is plain text (no FTS5 syntax)")
-    p.add_argument("--db", default="library.sqlite", help="SQLite library (library.sqlite)")
-    p.add_argument("--limit", type=int, default=10, help="results shown (10)")
+    p.add_argument("--db", default="library.sqlite", help="SQLite library")
+    p.add_argument("--limit", type=int, default=10, help="results shown")
     p.add_argument("--json", action="store_true", help="print a JSON list of {path, score, caption, ...}")
     p.set_defaults(run=_run_search)
     p = sub.add_parser("tags", help="list a library's tags with counts")
-    p.add_argument("--db", default="library.sqlite", help="SQLite library (library.sqlite)")
+    p.add_argument("--db", default="library.sqlite", help="SQLite library")
     p.add_argument("--limit", type=int, default=None, help="show only the most common N tags")
     p.add_argument("--json", action="store_true", help="print a JSON list of [tag, count]")
     p.set_defaults(run=_run_tags)
@@ -403,33 +565,63 @@ def _add_library(sub):
                    "atomically); default: print the page to stdout")
     p.add_argument("--root", default=None, metavar="DIR",
                    help="read images only under DIR (default: the page's folder)")
-    p.add_argument("--model", default=None, metavar="CKPT", help="checkpoint (default: the shipped model)")
-    p.add_argument("--beam", type=int, default=3, help="beam size (3)")
+    _add_model_options(p)
+    p.add_argument("--min-confidence", type=float, default=0.0, metavar="X",
+                   help="leave an image without generated alt text when its description's confidence "
+                        "(0-1) is below X, and report it")
     p.set_defaults(run=_run_alt_text)
 
 
-def _load_captioner(args):
-    from captioner.apps.api import Captioner
-    try:
-        return Captioner.load(args.model, beam_size=args.beam)
-    except (ValueError, FileNotFoundError) as e:
-        raise UserError(str(e)) from None
+def _load_if_chosen(args):
+    """The captioner the model options ask for, or None for the shipped model with default settings, which
+    the library loads only if some image needs captioning."""
+    chosen = args.model or args.backend != "auto" or not args.int8 or not args.grounded
+    return _load_for(args) if chosen else None
 
 
 def _run_index(args) -> int:
     from captioner.apps.library import index_folder
+    from captioner.apps.metadata import exiftool_path, write_library_metadata
+    if args.in_file and not args.write_metadata:
+        raise UserError("--in-file goes with --write-metadata")
+    if args.in_file and exiftool_path() is None:  # before captioning a whole folder
+        raise UserError("--in-file needs exiftool (apt install libimage-exiftool-perl); without it, sidecars")
     try:
-        captioner = _load_captioner(args) if args.model else None  # None: loaded only if needed
+        captioner = _load_if_chosen(args)
         s = index_folder(args.folder, args.db, captioner, beam_size=args.beam, n_best=args.n_best,
                          batch_size=args.batch_size, progress=not args.no_progress, recaption=args.recaption)
+        meta = write_library_metadata(args.db, args.folder, in_file=args.in_file) if args.write_metadata else None
     except (ValueError, OSError) as e:
         raise UserError(str(e)) from None
-    for line in s.get("skipped", []) + s["errors"]:
+    for line in s.get("skipped", []) + s["errors"] + (meta["errors"] if meta else []):
         print(f"skipped {line}", file=sys.stderr)
     print(f"{s['db']}: {s['found']} images under {s['folder']}: {s['captioned']} captioned, "
           f"{s['unchanged'] + s['touched']} unchanged, {s['removed']} removed, {s['failed']} unreadable"
-          + (f" (model {s['model']})" if s["model"] else ""))
-    return 0
+          + (f" (model {s['model']})" if s["model"] else "")
+          + (f"; metadata written for {len(meta['written'])}" + (" (in the files)" if args.in_file else " (XMP sidecars)")
+             if meta else ""))
+    return 1 if meta and meta["errors"] else 0
+
+
+def _run_tag(args) -> int:
+    from captioner.apps.metadata import tag_files
+    if args.beam < 1 or args.batch_size < 1:
+        raise UserError("--beam and --batch-size must be at least 1")
+    paths, problems = _expand_image_paths(args.paths)
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    if not paths:
+        raise UserError("no images to tag")
+    try:
+        report = tag_files(paths, _load_if_chosen(args), in_file=args.in_file, beam_size=args.beam,
+                           batch_size=args.batch_size, progress=not args.no_progress)
+    except ValueError as e:  # no exiftool for --in-file, a bad model
+        raise UserError(str(e)) from None
+    for line in report["errors"]:
+        print(f"error: {line}", file=sys.stderr)
+    where = "into the files" if args.in_file else "as XMP sidecars"
+    print(f"{len(report['written'])} of {len(paths)} photos tagged {where}", file=sys.stderr)
+    return 2 if problems else 1 if report["errors"] else 0
 
 
 def _run_search(args) -> int:
@@ -469,11 +661,12 @@ def _run_tags(args) -> int:
 def _run_alt_text(args) -> int:
     from captioner.apps.alttext import fill_alt_text
     try:
-        captioner = _load_captioner(args) if args.model else None  # None: loaded only if needed
-        report = fill_alt_text(args.page, args.out, captioner, beam_size=args.beam, root=args.root)
+        captioner = _load_if_chosen(args)
+        report = fill_alt_text(args.page, args.out, captioner, beam_size=args.beam, root=args.root,
+                               min_confidence=args.min_confidence)
     except (ValueError, OSError) as e:
         raise UserError(str(e)) from None
-    for line in report.skipped + report.errors:
+    for line in report.skipped + report.errors + report.unsure:
         print(f"skipped {line}", file=sys.stderr)
     if args.out is None:
         sys.stdout.flush()
@@ -481,16 +674,33 @@ def _run_alt_text(args) -> int:
         sys.stdout.buffer.flush()
     print(f"{args.page}: {len(report.filled)} alt texts filled, {report.kept} kept, {report.decorative} decorative, "
           f"{len(report.skipped)} not local, {len(report.errors)} unreadable"
+          + (f", {len(report.unsure)} below --min-confidence" if args.min_confidence > 0 else "")
           + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
     return 0
 
 
 # -------------------------------------------------------------------------------------------
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, except where there is none to show (unset options, on/off flags)."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        if d is None or isinstance(d, bool) or d == [] or d is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="captioner", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_prepare, _add_features, _add_train, _add_evaluate, _add_caption,
+    from functools import partial
+
+    from captioner import __version__
+    parser = argparse.ArgumentParser(prog="captioner", description=__doc__.splitlines()[0],
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                parser_class=partial(argparse.ArgumentParser, formatter_class=_HelpFormatter))
+    for add in (_add_prepare, _add_features, _add_train, _add_evaluate, _add_caption, _add_live,
                 _add_serve, _add_library):
         add(sub)
     return parser

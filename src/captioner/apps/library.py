@@ -23,12 +23,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 # Image files found in folders that cannot be read, reported as skipped rather than passed over in silence.
 UNSUPPORTED_EXTS = {
-    **dict.fromkeys((".heic", ".heif"), "HEIC/HEIF photos are not supported; convert them to JPEG"),
     **dict.fromkeys((".svg", ".svgz"), "vector images (SVG) are not supported; render them to PNG"),
-    **dict.fromkeys((".avif", ".jxl"), "AVIF and JPEG XL are not supported; convert them to JPEG"),
+    ".jxl": "JPEG XL is not supported; convert it to JPEG",
     **dict.fromkeys((".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf"),
                     "camera raw files are not supported; export them to JPEG"),
 }
@@ -61,7 +60,7 @@ CREATE TABLE IF NOT EXISTS images (
     mtime_ns INTEGER NOT NULL,
     sha256 TEXT,
     caption TEXT,                   -- best caption, NULL when the file could not be captioned
-    nbest TEXT,                     -- JSON [{"caption", "score"}], best first
+    nbest TEXT,                     -- JSON [{"caption", "score"}], best first: the result's alternatives
     tags TEXT,                      -- JSON list of content words, most frequent first
     model TEXT,
     captioned_at TEXT,              -- ISO 8601 UTC
@@ -69,7 +68,7 @@ CREATE TABLE IF NOT EXISTS images (
 );
 CREATE VIRTUAL TABLE IF NOT EXISTS images_fts USING fts5(caption, alternatives, tags,
     tokenize = 'porter unicode61');
-CREATE TABLE IF NOT EXISTS tags (image_id INTEGER NOT NULL, tag TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tags (image_id INTEGER NOT NULL, tag TEXT NOT NULL);  -- image_id: images.id, the row
 CREATE INDEX IF NOT EXISTS tags_by_image ON tags(image_id);
 CREATE INDEX IF NOT EXISTS tags_by_tag ON tags(tag);
 CREATE TABLE IF NOT EXISTS roots (folder TEXT PRIMARY KEY, indexed_at TEXT);  -- folders given to index
@@ -161,25 +160,34 @@ def _open_readonly(db_path: str | Path) -> sqlite3.Connection:
     return con
 
 
-def _delete(con: sqlite3.Connection, image_id: int) -> None:
-    con.execute("DELETE FROM images_fts WHERE rowid = ?", (image_id,))
-    con.execute("DELETE FROM tags WHERE image_id = ?", (image_id,))
-    con.execute("DELETE FROM images WHERE id = ?", (image_id,))
+def _delete(con: sqlite3.Connection, row_id: int) -> None:
+    con.execute("DELETE FROM images_fts WHERE rowid = ?", (row_id,))
+    con.execute("DELETE FROM tags WHERE image_id = ?", (row_id,))
+    con.execute("DELETE FROM images WHERE id = ?", (row_id,))
+
+
+def _ranked(result) -> list[dict]:
+    ranked = result.alternatives or [{"caption": result.caption, "score": result.score}]
+    return [{"caption": a["caption"], "score": float(a["score"])} for a in ranked]
+
+
+def result_tags(result) -> list[str]:
+    """A CaptionResult's tags, as the library and photo metadata keep them: the photo's confident concepts
+    first (cat, cup: grounding.py), then the content words of its description and n-best captions."""
+    concepts = [c["word"] for c in result.concepts if c["p"] >= 0.5]
+    return list(dict.fromkeys(concepts + caption_tags([result.text] + [a["caption"] for a in _ranked(result)])))
 
 
 def _store(con, path: str, size: int, mtime_ns: int, sha: str | None, *, result=None, error: str | None = None,
            model: str | None = None) -> None:
     """Insert or replace one file's row, keeping images, images_fts and tags in step."""
-    caption = nbest = tag_list = None
+    caption = alternatives = tag_list = None
     if result is not None:
         caption = result.text  # what people are told: hedged when the model is unsure
-        alternatives = result.alternatives or [{"caption": result.caption, "score": result.score}]
-        nbest = [{"caption": a["caption"], "score": float(a["score"])} for a in alternatives]
-        # the photo's confident concepts first (cat, cup: grounding.py), then the words of its captions
-        concepts = [c["word"] for c in result.concepts if c["p"] >= 0.5]
-        tag_list = list(dict.fromkeys(concepts + caption_tags([caption] + [a["caption"] for a in nbest])))
+        alternatives = _ranked(result)
+        tag_list = result_tags(result)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    image_id = con.execute(
+    row_id = con.execute(
         """INSERT INTO images (path, size, mtime_ns, sha256, caption, nbest, tags, model, captioned_at, error)
            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
            ON CONFLICT(path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns,
@@ -187,15 +195,15 @@ def _store(con, path: str, size: int, mtime_ns: int, sha: str | None, *, result=
                tags = excluded.tags, model = excluded.model, captioned_at = excluded.captioned_at,
                error = excluded.error
            RETURNING id""",
-        (path, size, mtime_ns, sha, caption, json.dumps(nbest) if nbest else None,
+        (path, size, mtime_ns, sha, caption, json.dumps(alternatives) if alternatives else None,
          json.dumps(tag_list) if tag_list is not None else None, model, now, error)).fetchone()[0]
-    con.execute("DELETE FROM images_fts WHERE rowid = ?", (image_id,))
-    con.execute("DELETE FROM tags WHERE image_id = ?", (image_id,))
+    con.execute("DELETE FROM images_fts WHERE rowid = ?", (row_id,))
+    con.execute("DELETE FROM tags WHERE image_id = ?", (row_id,))
     if caption is not None:
-        others = " | ".join(a["caption"] for a in nbest[1:])
+        others = " | ".join(a["caption"] for a in alternatives[1:])
         con.execute("INSERT INTO images_fts (rowid, caption, alternatives, tags) VALUES (?, ?, ?, ?)",
-                    (image_id, caption, others, " ".join(tag_list)))
-        con.executemany("INSERT INTO tags (image_id, tag) VALUES (?, ?)", [(image_id, t) for t in tag_list])
+                    (row_id, caption, others, " ".join(tag_list)))
+        con.executemany("INSERT INTO tags (image_id, tag) VALUES (?, ?)", [(row_id, t) for t in tag_list])
 
 
 # -----------------------------------------------------------------------------
@@ -211,7 +219,7 @@ def error_line(path, err: Exception) -> str:
 
 def find_images(folder: Path, skipped: list[str] | None = None) -> list[Path]:
     """Image files under folder, recursively, sorted; hidden files and folders (".thumbnails", temp files) skipped.
-    Images in formats that cannot be read (HEIC, SVG, camera raw) are added to `skipped` as "PATH: reason"."""
+    Images in formats that cannot be read (SVG, JPEG XL, camera raw) are added to `skipped` as "PATH: reason"."""
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -261,77 +269,105 @@ def index_folder(folder, db_path, captioner=None, *, beam_size: int = 3, n_best:
         # what the web server confines /api/library/image to
         con.execute("INSERT OR REPLACE INTO roots (folder, indexed_at) VALUES (?, ?)",
                     (str(folder), datetime.now(timezone.utc).isoformat(timespec="seconds")))
-        known = {}  # path -> (id, size, mtime_ns, sha256, has_caption), only rows under this folder
-        for image_id, path, size, mtime_ns, sha, caption in con.execute(
-                "SELECT id, path, size, mtime_ns, sha256, caption FROM images"):
-            if Path(path).is_relative_to(folder):
-                known[path] = (image_id, size, mtime_ns, sha, caption is not None)
-
-        # forget files that are gone
-        present = {str(p) for p in files}
-        gone = [row[0] for path, row in known.items() if path not in present]
-        for image_id in gone:
-            _delete(con, image_id)
+        known = _known_rows(con, folder)
+        summary["removed"] = _forget_gone(con, known, files)
         con.commit()
-        summary["removed"] = len(gone)
+        indexer = _Indexer(con, known, summary, captioner, beam_size=beam_size, n_best=n_best, recaption=recaption)
+        pending = indexer.changed(files)
+        bar = tqdm(total=len(pending), desc="indexing", unit="img", disable=not progress or not pending)
+        for start in range(0, len(pending), batch_size):
+            indexer.index(pending[start:start + batch_size])
+            con.commit()  # per batch: an interrupted run loses at most this batch
+            bar.update(min(batch_size, len(pending) - start))
+        bar.close()
+        summary["model"] = indexer.model_name
+    return summary
 
-        # size and mtime unchanged: trust the stored row without reading the file
+
+def _known_rows(con: sqlite3.Connection, folder: Path) -> dict[str, tuple]:
+    """path -> (row id, size, mtime_ns, sha256, has_caption) of the rows under `folder`."""
+    known = {}
+    for row_id, path, size, mtime_ns, sha, caption in con.execute(
+            "SELECT id, path, size, mtime_ns, sha256, caption FROM images"):
+        if Path(path).is_relative_to(folder):
+            known[path] = (row_id, size, mtime_ns, sha, caption is not None)
+    return known
+
+
+def _forget_gone(con: sqlite3.Connection, known: dict, files: list[Path]) -> int:
+    """Delete the rows of files that are gone from the folder; returns how many."""
+    present = {str(p) for p in files}
+    gone = [row[0] for path, row in known.items() if path not in present]
+    for row_id in gone:
+        _delete(con, row_id)
+    return len(gone)
+
+
+class _Indexer:
+    """Brings the rows of a folder's files up to date, batch by batch, counting into `summary`."""
+
+    def __init__(self, con, known: dict, summary: dict, captioner, *, beam_size: int, n_best: int, recaption: bool):
+        self.con, self.known, self.summary, self.captioner = con, known, summary, captioner
+        self.beam_size, self.n_best, self.recaption = beam_size, n_best, recaption
+        self.model_name: str | None = None
+
+    def changed(self, files: list[Path]) -> list[tuple[Path, int, int]]:
+        """(path, size, mtime_ns) of the files to look at: size and mtime unchanged means the stored row is
+        trusted without reading the file."""
         pending = []
         for p in files:
             try:
                 st = p.stat()
             except OSError as e:
-                summary["failed"] += 1
-                summary["errors"].append(f"{p}: {e.strerror or e}")
+                self._fail(p, f"{p}: {e.strerror or e}")
                 continue
-            row = known.get(str(p))
-            if row and row[1] == st.st_size and row[2] == st.st_mtime_ns and not recaption:
-                summary["unchanged"] += 1
+            row = self.known.get(str(p))
+            if row and row[1] == st.st_size and row[2] == st.st_mtime_ns and not self.recaption:
+                self.summary["unchanged"] += 1
             else:
                 pending.append((p, st.st_size, st.st_mtime_ns))
+        return pending
 
-        model_name = None
-        bar = tqdm(total=len(pending), desc="indexing", unit="img", disable=not progress or not pending)
-        for start in range(0, len(pending), batch_size):
-            to_caption = []  # (path, size, mtime_ns, sha, bytes)
-            for p, size, mtime_ns in pending[start:start + batch_size]:
-                try:
-                    data = p.read_bytes()
-                except OSError as e:
-                    error = f"{p}: {e.strerror or e}"
-                    _store(con, str(p), size, mtime_ns, None, error=error)
-                    summary["failed"] += 1
-                    summary["errors"].append(error)
-                    continue
-                sha = hashlib.sha256(data).hexdigest()
-                row = known.get(str(p))
-                if row and row[3] == sha and row[4] and not recaption:  # touched, same content: keep the caption
-                    con.execute("UPDATE images SET size = ?, mtime_ns = ? WHERE id = ?", (size, mtime_ns, row[0]))
-                    summary["touched"] += 1
-                else:
-                    to_caption.append((p, size, mtime_ns, sha, data))
-            if to_caption:
-                if captioner is None:
-                    from captioner.apps.api import Captioner
-                    captioner = Captioner.load(beam_size=beam_size)
-                model_name = model_name or str(captioner.info.get("name", "unknown"))
-                # bytes, not paths: what gets captioned is exactly what was hashed
-                results = captioner.caption_batch([item[4] for item in to_caption], beam_size=beam_size,
-                                                  n_best=n_best)
-                for (p, size, mtime_ns, sha, _), res in zip(to_caption, results):
-                    if isinstance(res, Exception):
-                        error = error_line(p, res)
-                        _store(con, str(p), size, mtime_ns, sha, error=error, model=model_name)
-                        summary["failed"] += 1
-                        summary["errors"].append(error)
-                    else:
-                        _store(con, str(p), size, mtime_ns, sha, result=res, model=model_name)
-                        summary["captioned"] += 1
-            con.commit()  # per batch: an interrupted run loses at most this batch
-            bar.update(min(batch_size, len(pending) - start))
-        bar.close()
-        summary["model"] = model_name
-    return summary
+    def index(self, batch: list[tuple[Path, int, int]]) -> None:
+        """Read and hash a batch; caption the files whose content is new."""
+        to_caption = []  # (path, size, mtime_ns, sha, bytes)
+        for p, size, mtime_ns in batch:
+            try:
+                data = p.read_bytes()
+            except OSError as e:
+                self._fail(p, f"{p}: {e.strerror or e}", stored=(size, mtime_ns, None))
+                continue
+            sha = hashlib.sha256(data).hexdigest()
+            row = self.known.get(str(p))
+            if row and row[3] == sha and row[4] and not self.recaption:  # touched, same content: keep the caption
+                self.con.execute("UPDATE images SET size = ?, mtime_ns = ? WHERE id = ?", (size, mtime_ns, row[0]))
+                self.summary["touched"] += 1
+            else:
+                to_caption.append((p, size, mtime_ns, sha, data))
+        if to_caption:
+            self._caption(to_caption)
+
+    def _caption(self, items: list[tuple]) -> None:
+        if self.captioner is None:
+            from captioner.apps.api import Captioner
+            self.captioner = Captioner.load(beam_size=self.beam_size)
+        self.model_name = self.model_name or str(self.captioner.info.get("name", "unknown"))
+        # bytes, not paths: what gets captioned is exactly what was hashed
+        results = self.captioner.caption_batch([item[4] for item in items], beam_size=self.beam_size,
+                                               n_best=self.n_best)
+        for (p, size, mtime_ns, sha, _), res in zip(items, results):
+            if isinstance(res, Exception):
+                self._fail(p, error_line(p, res), stored=(size, mtime_ns, sha), model=self.model_name)
+            else:
+                _store(self.con, str(p), size, mtime_ns, sha, result=res, model=self.model_name)
+                self.summary["captioned"] += 1
+
+    def _fail(self, path: Path, error: str, stored: tuple | None = None, model: str | None = None) -> None:
+        """Count and list a failure; with `stored` (size, mtime_ns, sha256) its row keeps the error."""
+        if stored is not None:
+            _store(self.con, str(path), *stored, error=error, model=model)
+        self.summary["failed"] += 1
+        self.summary["errors"].append(error)
 
 
 # -----------------------------------------------------------------------------
@@ -378,8 +414,8 @@ def search(db_path, query: str, limit: int = 10, *, mode: str = "or", weights: t
     with closing(_open_readonly(db_path)) as con:
         rows = con.execute(_RANK_SQL, (*weights, match, int(limit))).fetchall()
     results = []
-    for path, score, caption, nbest, tag_json in rows:
-        captions = [a["caption"] for a in json.loads(nbest)] if nbest else [caption]
+    for path, score, caption, alternatives_json, tag_json in rows:
+        captions = [a["caption"] for a in json.loads(alternatives_json)] if alternatives_json else [caption]
         results.append({"path": path, "score": float(score), "caption": caption,
                         "matched": _matching_caption(query, captions), "tags": json.loads(tag_json or "[]")})
     return results

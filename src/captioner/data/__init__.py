@@ -1,4 +1,4 @@
-"""Dataset reading, caption text normalisation and the vocabulary."""
+"""Dataset reading, caption text normalisation and the vocabulary (images: captioner.data.images)."""
 from captioner.data.datasets import (DatasetReadout, ImageRecord, PreparedData, load_prepared, prepare,
                                      read_dataset)
 from captioner.data.text import normalize, tokenize

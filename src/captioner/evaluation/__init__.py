@@ -1,9 +1,5 @@
-"""Evaluation: COCO-toolkit metrics, the `captioner evaluate` command and its HTML report.
+"""Evaluation: COCO-toolkit metrics (metrics.py, cider.py, chair.py), the `captioner evaluate` command
+(evaluate.py) and its HTML report (report.py).
 
-The command's function is `captioner.evaluation.evaluate.evaluate` (not re-exported here: the package
-attribute `evaluate` is the submodule once it is imported).
+Nothing is imported here, so training can use the metrics without loading the command or the report.
 """
-from captioner.evaluation.metrics import METRIC_KEYS, Scores, ptb_tokenize, score_captions
-from captioner.evaluation.report import plot_attention, write_report
-
-__all__ = ["METRIC_KEYS", "Scores", "ptb_tokenize", "score_captions", "plot_attention", "write_report"]

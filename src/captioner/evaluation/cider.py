@@ -10,7 +10,7 @@ every (candidate, reference) pair are one `minimum`, one product and one matrix 
 The formula is pycocoevalcap's, term for term: n = 1..4, weight tf * (log(#images) - log(max(1, df))),
 numerator sum_g min(c_g, r_g) * r_g, cosine normalisation per n, Gaussian length penalty with
 sigma 6 on the difference in bigram counts, mean over n and references, times 10.
-Inputs are PTB-tokenised, space-joined strings (see metrics.tokenize / metrics.ptb_tokenize).
+Inputs are PTB-tokenised, space-joined strings (see metrics.tokenize_captions / metrics.ptb_tokenize).
 """
 from __future__ import annotations
 

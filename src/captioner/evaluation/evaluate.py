@@ -10,6 +10,7 @@ References are the split's original captions; the metrics tokenise them as the t
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
@@ -133,7 +134,7 @@ def decode_split(captioner, records, *, data, beam_size: int, batch_size: int, p
     Grids come from the WORKDIR's feature store where it has the image, otherwise from the encoder; images
     that cannot be read are reported and skipped.
     """
-    from captioner.features.encoder import ImageError
+    from captioner.data.images import ImageError
 
     store, note = _open_store(data, captioner.spec.name)
     notes = [note] if note else []
@@ -189,6 +190,16 @@ def format_table(metrics: dict) -> str:
     return line(names) + "\n" + line(values)
 
 
+@dataclass
+class Candidates:
+    """The captions to score and what the outputs show beside them."""
+    captions: dict[str, str]                                   # image_id -> caption text
+    info: dict                                                 # what was scored: split, model, beam, ...
+    notes: list[str] = field(default_factory=list)             # skipped images and other caveats
+    details: dict = field(default_factory=dict)                # image_id -> CaptionResult (model mode)
+    attention: list[dict] = field(default_factory=list)        # the report's attention overlays
+
+
 def evaluate(model: str | Path | None, data: str | Path, split: str = "dev", *, beam_size: int = 3,
              out: str | Path, captions_file=None, references_file=None, max_len: int = 30,
              batch_size: int = 100, progress: bool = True, limit: int | None = None, meteor: bool = True,
@@ -196,44 +207,13 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "dev", *, 
     """Score a split (see the module docstring) and write metrics.json, captions.json and report.html.
 
     data may be None only when references_file is given. limit keeps the first N images of the split
-    (quick checks). Returns the metrics dict written to metrics.json.
+    (quick checks). Decoding (model mode) runs the same Captioner as `captioner caption`: beam_size,
+    max_len, backend, int8 and grounded are its settings, batch_size the images per batch.
+    Returns the metrics dict written to metrics.json.
     """
-    out = Path(out)
-    notes: list[str] = []
-    paths: dict[str, Path | None] = {}
-    if references_file is not None:
-        references = load_references_file(references_file)
-    else:
-        if data is None:
-            raise ValueError("evaluate needs --data (a WORKDIR or dataset ROOT) or --references")
-        records = load_split(data, split)
-        references = {r.image_id: r.captions for r in records}
-        paths = {r.image_id: r.path for r in records}
-    if data is not None and references_file is not None:
-        try:  # image files for the report's thumbnails when the dataset is at hand
-            paths = {r.image_id: r.path for r in load_split(data, split)}
-        except ValueError:
-            pass
-
-    info = {"split": split}
-    attention_items, details = [], {}
+    references, paths = _references(data, split, references_file)
     if captions_file is not None:
-        candidates, more = load_results_file(captions_file)
-        notes += more
-        unknown = [k for k in candidates if k not in references]
-        if unknown:
-            notes.append(f"{captions_file}: {len(unknown)} caption(s) for images without references skipped "
-                         f"(e.g. {', '.join(unknown[:3])})")
-        candidates = {k: v for k, v in candidates.items() if k in references}
-        if limit:
-            candidates = dict(list(candidates.items())[:limit])
-        if not candidates:
-            raise ValueError(f"{captions_file}: none of its image ids has references in the {split} split")
-        uncaptioned = len(references) - len(candidates)
-        if uncaptioned and not limit:
-            notes.append(f"{uncaptioned} image(s) with references have no caption in {captions_file}; "
-                         "scored only the captioned ones")
-        info.update(model=Path(captions_file).name, encoder=None, beam_size=None)
+        scored = _captions_from_file(captions_file, references, split, limit)
     else:
         if data is None:
             raise ValueError("decoding a model needs --data (a WORKDIR or dataset ROOT with the images)")
@@ -242,36 +222,85 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "dev", *, 
         ckpt = load_checkpoint(model)
         captioner = Captioner(ckpt, beam_size=beam_size, max_len=max_len, int8=int8, grounded=grounded,
                               backend=backend)
-        present = [k for k in references if paths.get(k) is not None]
-        absent = len(references) - len(present)
-        if absent:
-            notes.append(f"{absent} of {len(references)} {split} images are absent from the dataset; not scored")
-        if limit:
-            present = present[:limit]
-        if not present:
-            raise ValueError(f"{data}: none of the {len(references)} {split} images is present; nothing to decode")
-        from captioner.data.datasets import ImageRecord
-        records = [ImageRecord(k, paths[k], references[k], split) for k in present]
-        sample = set(present[:: max(1, len(present) // NUM_ATTENTION_SAMPLES)][:NUM_ATTENTION_SAMPLES])
-        decoded, more, counts = decode_split(captioner, records, data=data, beam_size=beam_size,
-                                             batch_size=batch_size, progress=progress, attention_ids=sample)
-        notes += more
-        if not decoded:
-            raise ValueError(f"{data}: no {split} image could be read; nothing to score")
-        candidates = {k: r.text for k, r in decoded.items()}
-        details = {k: r for k, r in decoded.items()}
-        attention_items = [{"image_id": k, "path": paths[k], "words": decoded[k].tokens,
-                            "attention": decoded[k].attention}
-                           for k in sample if k in decoded and decoded[k].attention is not None and decoded[k].tokens]
-        info.update(model=ckpt.meta.get("name") or Path(ckpt.path).stem, encoder=ckpt.config.encoder,
-                    beam_size=beam_size, max_len=max_len, decoder_weights="int8" if int8 else "float32",
-                    grounded=captioner.grounding is not None, **counts)
+        scored = _captions_from_model(captioner, data, split, references, paths, beam_size=beam_size,
+                                      batch_size=batch_size, progress=progress, limit=limit)
+        counts = scored.info.pop("counts")
+        scored.info.update(model=ckpt.meta.get("name") or Path(ckpt.path).stem, encoder=ckpt.config.encoder,
+                           beam_size=beam_size, max_len=max_len, decoder_weights="int8" if int8 else "float32",
+                           grounded=captioner.grounding is not None, **counts)
+    return _score_and_write(Path(out), scored, references, paths, split, meteor)
 
+
+def _references(data, split: str, references_file) -> tuple[dict[str, list[str]], dict[str, Path | None]]:
+    """({image_id: reference captions}, {image_id: image path}) from the references file or the split."""
+    if references_file is None:
+        if data is None:
+            raise ValueError("evaluate needs --data (a WORKDIR or dataset ROOT) or --references")
+        records = load_split(data, split)
+        return {r.image_id: r.captions for r in records}, {r.image_id: r.path for r in records}
+    references, paths = load_references_file(references_file), {}
+    if data is not None:
+        try:  # image files for the report's thumbnails when the dataset is at hand
+            paths = {r.image_id: r.path for r in load_split(data, split)}
+        except ValueError:
+            pass
+    return references, paths
+
+
+def _captions_from_file(captions_file, references: dict, split: str, limit: int | None) -> Candidates:
+    """Captions mode: another system's COCO results file, restricted to the images with references."""
+    candidates, notes = load_results_file(captions_file)
+    unknown = [k for k in candidates if k not in references]
+    if unknown:
+        notes.append(f"{captions_file}: {len(unknown)} caption(s) for images without references skipped "
+                     f"(e.g. {', '.join(unknown[:3])})")
+    candidates = {k: v for k, v in candidates.items() if k in references}
+    if limit:
+        candidates = dict(list(candidates.items())[:limit])
+    if not candidates:
+        raise ValueError(f"{captions_file}: none of its image ids has references in the {split} split")
+    uncaptioned = len(references) - len(candidates)
+    if uncaptioned and not limit:
+        notes.append(f"{uncaptioned} image(s) with references have no caption in {captions_file}; "
+                     "scored only the captioned ones")
+    return Candidates(candidates, {"split": split, "model": Path(captions_file).name, "encoder": None,
+                                   "beam_size": None}, notes)
+
+
+def _captions_from_model(captioner, data, split: str, references: dict, paths: dict, *, beam_size: int,
+                         batch_size: int, progress: bool, limit: int | None) -> Candidates:
+    """Model mode: caption every present image of the split; a few also with attention, for the report.
+    info["counts"] says where the grids came from (the caller adds what it knows about the model)."""
+    from captioner.data.datasets import ImageRecord
+    present = [k for k in references if paths.get(k) is not None]
+    notes = []
+    absent = len(references) - len(present)
+    if absent:
+        notes.append(f"{absent} of {len(references)} {split} images are absent from the dataset; not scored")
+    if limit:
+        present = present[:limit]
+    if not present:
+        raise ValueError(f"{data}: none of the {len(references)} {split} images is present; nothing to decode")
+    records = [ImageRecord(k, paths[k], references[k], split) for k in present]
+    sample = set(present[:: max(1, len(present) // NUM_ATTENTION_SAMPLES)][:NUM_ATTENTION_SAMPLES])
+    decoded, more, counts = decode_split(captioner, records, data=data, beam_size=beam_size,
+                                         batch_size=batch_size, progress=progress, attention_ids=sample)
+    if not decoded:
+        raise ValueError(f"{data}: no {split} image could be read; nothing to score")
+    attention = [{"image_id": k, "path": paths[k], "words": decoded[k].tokens, "attention": decoded[k].attention}
+                 for k in sample if k in decoded and decoded[k].attention is not None and decoded[k].tokens]
+    return Candidates({k: r.text for k, r in decoded.items()}, {"split": split, "counts": counts}, notes + more,
+                      dict(decoded), attention)
+
+
+def _score_and_write(out: Path, scored: Candidates, references: dict, paths: dict, split: str,
+                     meteor: bool) -> dict:
+    """Score the candidates (COCO metrics and CHAIR) and write metrics.json, captions.json, report.html."""
+    candidates, info, details = scored.captions, scored.info, scored.details
     scores = score_captions(candidates, references, meteor=meteor)
-    notes += scores.notes
     objects, per_image_objects = chair(candidates, references)
     metrics = {**scores.corpus, **objects, **info, "num_images": len(candidates), "tokenizer": scores.tokenizer,
-               "notes": notes}
+               "notes": scored.notes + scores.notes}
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", metrics)
@@ -282,5 +311,5 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "dev", *, 
               "path": paths.get(k)} for k, v in candidates.items()]
     shown = {k: v for k, v in info.items() if v is not None}
     write_report(out / "report.html", items, scores.corpus, title=f"Caption evaluation: {split} split",
-                 info={**shown, "images": len(candidates)}, attention=attention_items)
+                 info={**shown, "images": len(candidates)}, attention=scored.attention)
     return metrics

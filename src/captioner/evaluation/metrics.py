@@ -102,8 +102,9 @@ def java_available() -> bool:
     return shutil.which("java") is not None
 
 
-def tokenize(captions: dict[str, list[str]], tokenizer: str = "auto") -> tuple[dict[str, list[str]], str]:
-    """Tokenise {id: [captions]} the toolkit's way. tokenizer: "auto" | "java" | "python".
+def tokenize_captions(captions: dict[str, list[str]], tokenizer: str = "auto") -> tuple[dict[str, list[str]], str]:
+    """Tokenise {id: [captions]} (references or candidates) the toolkit's way, for scoring (data.text.tokenize
+    is the training text's). tokenizer: "auto" | "java" | "python".
 
     Returns the tokenised dict (same keys, same order) and the name of the tokenizer used.
     """
@@ -144,6 +145,24 @@ def _meteor(gts, res):
     return score, scores
 
 
+def _tokenized(candidates: dict[str, str], references: dict[str, list[str]], ids: list[str], tokenizer: str):
+    """(references, candidates, tokenizer used), tokenised for the scorers: {id: [captions]} each."""
+    # <unk> -> a stand-in word before tokenising, so the tokenizer cannot split it into "unk"
+    unk = re.compile(rf"(?<!\S){re.escape(UNK)}(?!\S)")
+    res = {k: [unk.sub(_UNK_STANDIN, candidates[k])] for k in ids}
+    gts = {k: list(references[k]) for k in ids}
+    res, used = tokenize_captions(res, tokenizer)
+    gts, _ = tokenize_captions(gts, tokenizer)
+    ref_words = {w for caps in gts.values() for c in caps for w in c.split()}
+    standin = _UNK_STANDIN
+    while standin in ref_words:  # a reference could in principle contain it: pick a fresh word
+        standin += "x"
+    if standin != _UNK_STANDIN:
+        res = {k: [" ".join(standin if w == _UNK_STANDIN else w for w in c.split()) for c in caps]
+               for k, caps in res.items()}
+    return gts, res, used
+
+
 def score_captions(candidates: dict[str, str], references: dict[str, list[str]], *,
                    tokenizer: str = "auto", meteor: bool = True) -> Scores:
     """Score one candidate caption per image against that image's references, the COCO-toolkit way.
@@ -161,20 +180,7 @@ def score_captions(candidates: dict[str, str], references: dict[str, list[str]],
         raise ValueError(f"{len(missing)} candidate image(s) have no references, e.g. {missing[:3]}")
     ids = list(candidates)
     notes = []
-
-    # <unk> -> a stand-in word before tokenising, so the tokenizer cannot split it into "unk"
-    unk = re.compile(rf"(?<!\S){re.escape(UNK)}(?!\S)")
-    res = {k: [unk.sub(_UNK_STANDIN, candidates[k])] for k in ids}
-    gts = {k: list(references[k]) for k in ids}
-    res, used = tokenize(res, tokenizer)
-    gts, _ = tokenize(gts, tokenizer)
-    ref_words = {w for caps in gts.values() for c in caps for w in c.split()}
-    standin = _UNK_STANDIN
-    while standin in ref_words:  # a reference could in principle contain it: pick a fresh word
-        standin += "x"
-    if standin != _UNK_STANDIN:
-        res = {k: [" ".join(standin if w == _UNK_STANDIN else w for w in c.split()) for c in caps]
-               for k, caps in res.items()}
+    gts, res, used = _tokenized(candidates, references, ids, tokenizer)
 
     corpus, per_image = {}, {k: {} for k in ids}
     bleu, bleu_img = Bleu(4).compute_score(gts, res, verbose=0)

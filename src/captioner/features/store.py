@@ -17,11 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import ImageOps
 from tqdm import tqdm
 
-from captioner.features.encoder import EncoderSpec, ImageError, get_spec, load_image, preprocess
+from captioner.data.images import ImageError, load_image, preprocess
+from captioner.features.encoder import EncoderSpec, get_spec
 from captioner.io import atomic_write_json, read_json
 
 FEATURES_FILE = "features.f16"
@@ -83,55 +83,23 @@ def build_features(workdir, images_dir=None, encoder: str = "lite2", backend: st
         else:
             images.append((r.image_id, path))
 
-    ids, failed_before, complete_before = [], {}, False
-    if (folder / INDEX_FILE).is_file():
-        index = read_json(folder / INDEX_FILE)
-        if EncoderSpec.from_dict(index["encoder"]) != spec:
-            raise ValueError(f"{folder / INDEX_FILE}: store built with "
-                             f"{EncoderSpec.from_dict(index['encoder']).describe()}, asked for {spec.describe()}")
-        ids, failed_before, complete_before = list(index["ids"]), index["failed"], bool(index["complete"])
+    ids, failed_before, complete_before = _committed(folder, spec)
     done = set(ids)
     # images that failed before go last, so a resumed run batches the rest exactly as a clean run did
     todo = [(i, p) for i, p in images if i not in done and i not in failed_before]
     todo += [(i, p) for i, p in images if i not in done and i in failed_before]
     in_plan = {i for i, _ in images}
     failed = {i: r for i, r in failed_before.items() if i in in_plan}  # kept until a retry succeeds
-    row = _row_bytes(spec)
 
     fd = os.open(folder / FEATURES_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        os.ftruncate(fd, len(ids) * row)  # drop rows a crash left beyond the last committed index
+        os.ftruncate(fd, len(ids) * _row_bytes(spec))  # drop rows a crash left beyond the last committed index
         if todo or not complete_before:
             _write_index(folder, spec, ids, failed, False, flip)
         if todo:
             enc = Encoder.load(spec.name, backend, device=device)
             t_encode = time.time()  # images/s counts decoding + encoding, not loading the model
-            batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-            crash_after = int(os.environ.get("CAPTIONER_TEST_CRASH_AFTER", "0"))  # tests: die hard mid-run
-            bar = tqdm(total=len(todo), unit="img", desc=f"features {folder.name}/{enc.backend}",
-                       disable=not progress, dynamic_ncols=True)
-            # decode the next batch on a thread while the encoder runs (Pillow releases the GIL)
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                pending = pool.submit(_load_batch, batches[0], spec, flip)
-                for k in range(len(batches)):
-                    batch_ids, pixels, bad = pending.result()
-                    if k + 1 < len(batches):
-                        pending = pool.submit(_load_batch, batches[k + 1], spec, flip)
-                    for image_id, reason in bad.items():
-                        failed[image_id] = reason
-                        bar.write(f"skipped {image_id}: {reason}")
-                    if pixels is not None:
-                        feats = enc.encode(pixels).astype(np.float16)
-                        os.pwrite(fd, feats.tobytes(), len(ids) * row)
-                        os.fsync(fd)  # rows on disk before the index names them
-                        ids.extend(batch_ids)
-                        for image_id in batch_ids:
-                            failed.pop(image_id, None)
-                    _write_index(folder, spec, ids, failed, False, flip)
-                    bar.update(len(batches[k]))
-                    if crash_after and k + 1 >= crash_after:
-                        os._exit(99)
-            bar.close()
+            _encode_into(fd, folder, enc, todo, ids, failed, batch_size=batch_size, flip=flip, progress=progress)
         _write_index(folder, spec, ids, failed, True, flip)
     finally:
         os.close(fd)
@@ -142,6 +110,50 @@ def build_features(workdir, images_dir=None, encoder: str = "lite2", backend: st
             "encoded": encoded, "skipped_done": len(images) - len(todo), "failed": failed,
             "rows": len(ids), "seconds": round(seconds, 2),
             "images_per_s": round(encoded / (time.time() - t_encode), 2) if encoded else 0.0}
+
+
+def _committed(folder: Path, spec: EncoderSpec) -> tuple[list[str], dict, bool]:
+    """(ids, failed, complete) of the store's index as a previous run left it; nothing when there is none."""
+    if not (folder / INDEX_FILE).is_file():
+        return [], {}, False
+    index = read_json(folder / INDEX_FILE)
+    if EncoderSpec.from_dict(index["encoder"]) != spec:
+        raise ValueError(f"{folder / INDEX_FILE}: store built with "
+                         f"{EncoderSpec.from_dict(index['encoder']).describe()}, asked for {spec.describe()}")
+    return list(index["ids"]), index["failed"], bool(index["complete"])
+
+
+def _encode_into(fd: int, folder: Path, enc, todo: list[tuple[str, Path]], ids: list[str], failed: dict, *,
+                 batch_size: int, flip: bool, progress: bool) -> None:
+    """Encode `todo` batch by batch, appending rows to the open features file and `ids`, bad images to
+    `failed`; each batch is on disk before the index names it."""
+    spec, row = enc.spec, _row_bytes(enc.spec)
+    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    crash_after = int(os.environ.get("CAPTIONER_TEST_CRASH_AFTER", "0"))  # tests: die hard mid-run
+    bar = tqdm(total=len(todo), unit="img", desc=f"features {folder.name}/{enc.backend}",
+               disable=not progress, dynamic_ncols=True)
+    # decode the next batch on a thread while the encoder runs (Pillow releases the GIL)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_load_batch, batches[0], spec, flip)
+        for k in range(len(batches)):
+            batch_ids, pixels, bad = pending.result()
+            if k + 1 < len(batches):
+                pending = pool.submit(_load_batch, batches[k + 1], spec, flip)
+            for image_id, reason in bad.items():
+                failed[image_id] = reason
+                bar.write(f"skipped {image_id}: {reason}")
+            if pixels is not None:
+                feats = enc.encode(pixels).astype(np.float16)
+                os.pwrite(fd, feats.tobytes(), len(ids) * row)
+                os.fsync(fd)  # rows on disk before the index names them
+                ids.extend(batch_ids)
+                for image_id in batch_ids:
+                    failed.pop(image_id, None)
+            _write_index(folder, spec, ids, failed, False, flip)
+            bar.update(len(batches[k]))
+            if crash_after and k + 1 >= crash_after:
+                os._exit(99)
+    bar.close()
 
 
 class FeatureStore:
@@ -242,54 +254,3 @@ class FeatureStore:
             self.close()
         except Exception:
             pass
-
-
-MIRRORED_WORDS = {"left": "right", "right": "left"}  # what a caption of the mirror image says instead
-
-
-class CaptionDataset(torch.utils.data.Dataset):
-    """One item per image of `split` that is in the store: (features (R, C), captions (k, L)).
-
-    With a `mirrored` store and flip_prob > 0, each image is shown mirrored (its captions' left and
-    right swapped) with that probability, decided by (seed, epoch, item) so a resumed run sees the same."""
-
-    def __init__(self, store: FeatureStore, data, split: str, max_len: int = 30,
-                 mirrored: FeatureStore | None = None, flip_prob: float = 0.0, seed: int = 0):
-        self.store, self.max_len = store, max_len
-        self.mirrored, self.flip_prob, self.seed, self.epoch = mirrored, flip_prob, seed, 0
-        self.tokens = data.tokens
-        self.vocab = data.vocab
-        self.image_ids = [r.image_id for r in data.split(split) if r.image_id in store and data.tokens.get(r.image_id)
-                          and (mirrored is None or r.image_id in mirrored)]
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def flipped(self, i: int) -> bool:
-        return (self.mirrored is not None and self.flip_prob > 0
-                and np.random.default_rng([self.seed, self.epoch, i]).random() < self.flip_prob)
-
-    def __getitem__(self, i: int):
-        image_id = self.image_ids[i]
-        flip = self.flipped(i)
-        features = torch.from_numpy((self.mirrored if flip else self.store).get([image_id])[0])
-        tokens = self.tokens[image_id]
-        if flip:
-            tokens = [[MIRRORED_WORDS.get(w, w) for w in t] for t in tokens]
-        rows = [self.vocab.encode(t, self.max_len) for t in tokens]
-        captions = torch.full((len(rows), max(map(len, rows))), self.vocab.pad_id, dtype=torch.long)
-        for j, r in enumerate(rows):
-            captions[j, :len(r)] = torch.tensor(r)
-        return features, captions
-
-
-def collate_images(batch, pad_id: int = 0):
-    """[(features (R,C), captions (k_i, L_i))] -> features (B,R,C), captions (sum k_i, Lmax), image_index (sum k_i,).
-
-    image_index[n] is the batch position of caption n's image: a model runs per-image work once
-    and expands it with features[image_index]."""
-    features = torch.stack([f for f, _ in batch])
-    longest = max(c.shape[1] for _, c in batch)
-    captions = torch.cat([torch.nn.functional.pad(c, (0, longest - c.shape[1]), value=pad_id) for _, c in batch])
-    image_index = torch.cat([torch.full((c.shape[0],), b, dtype=torch.long) for b, (_, c) in enumerate(batch)])
-    return features, captions, image_index

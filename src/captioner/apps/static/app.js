@@ -1,5 +1,6 @@
 // The captioner page: get a photo (file, drop, paste, camera), ask /api/caption, show and announce the
-// caption, and draw each word's attention map over the photo when the word is hovered or focused.
+// caption, and draw each word's attention map over the photo when the word is hovered or focused; or, in
+// live mode, describe the camera continuously over /api/live, saying a sentence when the scene changes.
 //
 // How the caption reaches someone who cannot see it: one live region (#announce) that screen readers
 // read, once per caption; the page's own voice (speechSynthesis) only for people without a screen reader,
@@ -91,6 +92,7 @@ function clearResult() {
   $("alt-heading").hidden = true;
   $("word-hint").hidden = true;
   $("repeat").disabled = true;
+  hideVideo();
 }
 
 function showResult(body) {
@@ -259,6 +261,219 @@ function capturePhoto() {
   canvas.toBlob((blob) => blob && captionPhoto(blob, "camera.jpg"), "image/jpeg", 0.9);
 }
 
+// ---- a video: one description per scene (/api/video), announced as each scene plays ----------------
+
+async function describeVideo(file) {
+  showError("");
+  clearResult();
+  hidePhoto();
+  $("answer").setAttribute("aria-busy", "true");
+  $("status").textContent = "Describing the video, scene by scene…";
+  announce("Describing the video, scene by scene…");
+  try {
+    const response = await fetch("/api/video", { method: "POST", body: file,
+                                                  headers: { "content-type": file.type || "application/octet-stream" } });
+    const body = await response.json().catch(() => ({ detail: `server answered ${response.status}` }));
+    if (!response.ok) throw new Error(body.detail || `server answered ${response.status}`);
+    showVideo(file, body);
+  } catch (e) {
+    showError(`Could not describe ${file.name}: ${e.message}`);
+  } finally {
+    $("answer").setAttribute("aria-busy", "false");
+    $("status").textContent = "";
+  }
+}
+
+const clock = (s) => `${Math.floor(s / 60)}:${(s % 60).toFixed(1).padStart(4, "0")}`;
+
+function showVideo(file, body) {
+  const video = $("clip");
+  video.src = URL.createObjectURL(file);
+  const track = document.createElement("track");
+  Object.assign(track, { kind: "descriptions", label: "Scene descriptions", srclang: "en", default: true });
+  track.src = URL.createObjectURL(new Blob([body.vtt], { type: "text/vtt" }));
+  video.replaceChildren(track);
+  track.track.mode = "hidden";  // its cues fire without being drawn: the page says them
+  track.addEventListener("cuechange", () => {
+    const cue = track.track.activeCues[0];
+    const text = cue && cue.getCueAsHTML().textContent;
+    if (text) {
+      announce(text);
+      speak(text);
+    }
+  });
+  $("scenes").replaceChildren(...body.cues.map((c) => {
+    const li = document.createElement("li");
+    li.textContent = `${clock(c.start)} to ${clock(c.end)}: ${c.text}`;
+    return li;
+  }));
+  $("vtt-link").href = track.src;
+  $("video-result").hidden = false;
+  const n = body.cues.length;
+  const summary = `${file.name}: ${n} scene${n === 1 ? "" : "s"} described.`;
+  $("caption").textContent = summary;
+  if (body.error) showError(`${body.error}. The scenes before it are described.`);
+  announce(`${summary} Play the video to hear each scene as it starts.`);
+}
+
+function hideVideo() {
+  const video = $("clip");
+  video.pause();
+  for (const url of [video.src, $("vtt-link").href]) if (url.startsWith("blob:")) URL.revokeObjectURL(url);
+  video.removeAttribute("src");
+  video.replaceChildren();
+  $("vtt-link").removeAttribute("href");
+  $("scenes").replaceChildren();
+  $("video-result").hidden = true;
+}
+
+// ---- live mode: describe the camera continuously over a WebSocket (/api/live) -----------------------
+//
+// One frame in flight: the next is taken when the answer to the last arrives, so frames go at the rate the
+// server sustains (at most 10 a second) and nothing queues. The caption on screen follows every answer; a
+// sentence is said (live region, and the page's voice when chosen) only when the scene has changed:
+//  - the frame differs from the one last described by more than SCENE_HIGH (a small grayscale thumbnail), or
+//    by more than SCENE_LOW and the description differs too (two thresholds: hysteresis), and
+//  - the next answer gives the same description (a passing blur or a turn of the head says nothing).
+// A sentence being spoken is never cut: the newest waiting one follows it.
+
+const SCENE_HIGH = 0.12, SCENE_LOW = 0.05, MIN_FRAME_MS = 100, LIVE_SIDE = 480;
+const live = { ws: null, on: false, paused: false, busy: false, thumb: null, sentAt: 0, said: "", saidThumb: null,
+               candidate: "", queued: "" };
+
+function liveThumb(video) {
+  const c = document.createElement("canvas");
+  c.width = c.height = 16;
+  const ctx = c.getContext("2d", { willReadFrequently: true });
+  ctx.drawImage(video, 0, 0, 16, 16);
+  const d = ctx.getImageData(0, 0, 16, 16).data;
+  const gray = [];
+  for (let i = 0; i < d.length; i += 4) gray.push((0.299 * d[i] + 0.587 * d[i + 1] + 0.114 * d[i + 2]) / 255);
+  const mean = gray.reduce((a, b) => a + b, 0) / gray.length;
+  return gray.map((g) => g - mean);  // brightness taken out: the camera adjusting its exposure is no new scene
+}
+
+const thumbDifference = (a, b) => a.reduce((sum, x, i) => sum + Math.abs(x - b[i]), 0) / a.length;
+
+async function startLive() {
+  showError("");
+  if (!cameraStream) await startCamera();
+  if (!cameraStream) return;  // startCamera said why
+  clearResult();
+  hidePhoto();
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const beam = Math.min(10, Math.max(1, parseInt($("beam").value, 10) || 3));
+  const ws = new WebSocket(`${scheme}://${location.host}/api/live?beam=${beam}`);
+  Object.assign(live, { ws, on: true, paused: false, busy: false, said: "", saidThumb: null, candidate: "",
+                        queued: "" });
+  ws.onopen = () => sendFrame();
+  ws.onmessage = (e) => liveAnswer(JSON.parse(e.data));
+  ws.onclose = () => {
+    if (live.ws === ws && live.on) {
+      showError("Live description stopped: the connection to the server closed.");
+      stopLive();
+    }
+  };
+  for (const id of ["camera-start", "camera-capture", "camera-stop", "live-start"]) $(id).hidden = true;
+  $("live-pause").hidden = $("live-stop").hidden = false;
+  setLivePaused(false);
+  $("live-stop").focus();
+}
+
+function sendFrame() {
+  if (!live.on || live.paused || live.busy || !live.ws || live.ws.readyState !== WebSocket.OPEN) return;
+  const video = $("camera");
+  if (!video.videoWidth) return setTimeout(sendFrame, MIN_FRAME_MS);
+  const scale = Math.min(1, LIVE_SIDE / Math.max(video.videoWidth, video.videoHeight));
+  const canvas = document.createElement("canvas");
+  canvas.width = Math.round(video.videoWidth * scale);
+  canvas.height = Math.round(video.videoHeight * scale);
+  canvas.getContext("2d").drawImage(video, 0, 0, canvas.width, canvas.height);
+  live.busy = true;
+  live.thumb = liveThumb(video);
+  live.sentAt = performance.now();
+  canvas.toBlob((blob) => {
+    if (blob && live.ws && live.ws.readyState === WebSocket.OPEN) live.ws.send(blob);
+    else live.busy = false;
+  }, "image/jpeg", 0.8);
+}
+
+function liveAnswer(body) {
+  live.busy = false;
+  if (!live.on) return;
+  const wait = Math.max(0, MIN_FRAME_MS - (performance.now() - live.sentAt));
+  setTimeout(sendFrame, body.retry_ms ?? wait);
+  if (body.error) {
+    $("status").textContent = body.error;  // shown, not announced: the next frame usually answers
+    return;
+  }
+  $("status").textContent = "";
+  const text = spokenText(body);
+  if ($("caption").textContent !== text) $("caption").textContent = text;
+  const tags = (body.concepts ?? []).filter((c) => c.p >= 0.5).map((c) => c.word);
+  $("score").textContent = `${tags.length ? `Tags: ${tags.join(", ")}. ` : ""}` +
+    `${Math.round(performance.now() - live.sentAt)} ms from frame to caption`;
+  if (live.paused) return;
+  const moved = live.saidThumb ? thumbDifference(live.thumb, live.saidThumb) : 1;
+  const changed = moved > SCENE_HIGH || (moved > SCENE_LOW && text !== live.said);
+  if (!changed) {
+    live.candidate = "";
+    return;
+  }
+  if (text !== live.candidate) {  // wait for the next answer to say the same
+    live.candidate = text;
+    return;
+  }
+  live.candidate = "";
+  live.saidThumb = live.thumb;
+  if (text === live.said) return;  // a new view, the same words: nothing new to say
+  live.said = text;
+  result = { text, caption: body.caption };
+  $("repeat").disabled = false;
+  announce(text);
+  speakCalm(text);
+}
+
+// The page's voice in live mode: a sentence is finished before the next (the newest waiting) is said.
+function speakCalm(text) {
+  if (!$("speak").checked || !("speechSynthesis" in window) || !text) return;
+  if (speechSynthesis.speaking || speechSynthesis.pending) {
+    live.queued = text;
+    return;
+  }
+  const utterance = new SpeechSynthesisUtterance(text);
+  utterance.onend = utterance.onerror = () => {
+    const next = live.queued;
+    live.queued = "";
+    if (next && live.on) speakCalm(next);
+  };
+  speechSynthesis.speak(utterance);
+}
+
+function setLivePaused(paused) {
+  live.paused = paused;
+  live.candidate = "";
+  const indicator = $("live-indicator");
+  indicator.hidden = false;
+  indicator.classList.toggle("paused", paused);
+  indicator.textContent = paused ? "Live description paused (Esc resumes)" : "Live: describing the camera (Esc pauses)";
+  $("live-pause").textContent = paused ? "Resume" : "Pause";
+  announce(paused ? "Live description paused" : "Live description on");
+  if (!paused) sendFrame();
+}
+
+function stopLive() {
+  const ws = live.ws;
+  Object.assign(live, { ws: null, on: false, paused: false, busy: false, queued: "" });
+  if (ws && ws.readyState <= WebSocket.OPEN) ws.close();
+  $("live-indicator").hidden = true;
+  $("live-pause").hidden = $("live-stop").hidden = true;
+  stopCamera();  // releases the camera; shows the camera and live buttons again
+  $("live-start").hidden = false;
+  $("live-start").focus();
+  announce("Live description stopped");
+}
+
 // ---- photo library search (only when the server has a --db) ------------------------------------
 
 async function search(event) {
@@ -306,7 +521,8 @@ function firstImage(items) {
 document.addEventListener("DOMContentLoaded", () => {
   $("file").addEventListener("change", (e) => {
     const file = e.target.files[0];
-    if (file) captionPhoto(file, file.name);
+    if (file && file.type.startsWith("video/")) describeVideo(file);
+    else if (file) captionPhoto(file, file.name);
     e.target.value = "";  // choosing the same file again should caption it again
   });
 
@@ -327,6 +543,15 @@ document.addEventListener("DOMContentLoaded", () => {
   $("camera-start").addEventListener("click", startCamera);
   $("camera-stop").addEventListener("click", stopCamera);
   $("camera-capture").addEventListener("click", capturePhoto);
+  $("live-start").addEventListener("click", startLive);
+  $("live-pause").addEventListener("click", () => setLivePaused(!live.paused));
+  $("live-stop").addEventListener("click", stopLive);
+  document.addEventListener("keydown", (e) => {
+    if (e.key === "Escape" && live.on) {
+      e.preventDefault();
+      setLivePaused(!live.paused);
+    }
+  });
 
   const speakBox = $("speak");
   speakBox.checked = localStorage.getItem(SPEAK_KEY) === "on";  // an explicit choice; off by default

@@ -1,0 +1,84 @@
+"""Grounding settings, one change at a time: CHAIR-s, CHAIR-i, object recall, BLEU-4 and CIDEr-D of what people
+are told on ../shared/coco-ood-dev and on Flickr8k dev, for the shipped settings and for each lever switched off
+or set another way (grounding.GroundingSettings). It shows what each part of the grounded description buys.
+
+    python benchmarks/grounding_sweep.py [--model CKPT] [--work work/flickr8k] [--beam 3]
+        -> benchmarks/results/grounding_sweep.json and a Markdown table on stdout
+
+Goes through `Captioner.caption_features` (the path every surface uses: int8 decoder, grounding heads); the
+COCO photos are encoded once, the Flickr8k dev grids come from the feature store (`captioner prepare` +
+`captioner features`). METEOR is left out (its JVM is slow to start). About 6 min on 2 CPU cores.
+"""
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from captioner.apps.api import Captioner
+from captioner.evaluation.chair import chair
+from captioner.evaluation.evaluate import load_split
+from captioner.evaluation.metrics import score_captions
+from captioner.features.store import FeatureStore
+from truthfulness import ROOT, parse_args  # benchmarks/ is on the path when a script in it runs
+
+VARIANTS = {
+    "shipped settings": {},
+    "no ban, no hedge, nothing added (the evidence as a soft bias alone)":
+        dict(ban_below=0.0, ban_unfamiliar=0.0, ban_class={}, hedge_below=0.0, add_concepts=1.01),
+    "one ban level for every photo (0.25)": dict(ban_unfamiliar=0.25, ban_class={}),
+    "one ban level for every photo (0.5)": dict(ban_below=0.5, ban_unfamiliar=0.5, ban_class={}),
+    "familiarity from the grid alone (no object close-up rule)": dict(object_photo_above=1.01),
+    "no extra evidence asked of dogs": dict(ban_class={}),
+    "no \"Probably\" under confidence 0.4": dict(hedge_below=0.0),
+    "no missed object added": dict(add_concepts=1.01),
+}
+
+
+def grids_of(captioner: Captioner, name: str, data: str, split: str, work: str):
+    records = load_split(data, split)
+    ids = [r.image_id for r in records]
+    if name == "flickr8k-dev":
+        return ids, FeatureStore.open(work, captioner.spec.name).get(ids), {r.image_id: r.captions for r in records}
+    grids = np.concatenate([captioner.encoder.encode_images([r.path for r in records[i:i + 25]])
+                            for i in range(0, len(records), 25)])
+    return ids, grids, {r.image_id: r.captions for r in records}
+
+
+def measure(captioner, ids, grids, refs, beam: int) -> dict:
+    texts = {}
+    for i in range(0, len(ids), 100):
+        for k, r in zip(ids[i:i + 100], captioner.caption_features(grids[i:i + 100], beam_size=beam)):
+            texts[k] = r.text
+    hallucination, _ = chair(texts, refs)
+    scores = score_captions(texts, refs, meteor=False).corpus
+    return {k: round(100 * v, 1) for k, v in {**hallucination, "bleu4": scores["bleu4"], "cider": scores["cider"]}.items()}
+
+
+def main():
+    args = parse_args(__doc__, "grounding_sweep.json")
+    captioner = Captioner.load(args.model)
+    if captioner.grounding is None:
+        raise SystemExit(f"{args.model}: this model has no grounding heads")
+    shipped = captioner.grounding.settings
+    sets = {name: grids_of(captioner, name, data, split, args.work)
+            for name, data, split in (("coco-ood-dev", args.ood, "test"), ("flickr8k-dev", args.work, "dev"))}
+    rows = []
+    for label, change in tqdm(VARIANTS.items(), desc="settings", unit="variant"):
+        captioner.grounding.settings = replace(shipped, **change)
+        rows.append({"variant": label, "change": change,
+                     **{name: measure(captioner, *s, args.beam) for name, s in sets.items()}})
+    captioner.grounding.settings = shipped
+    Path(args.out).write_text(json.dumps({"beam": args.beam, "model": args.model or "shipped", "rows": rows},
+                                         indent=1) + "\n")
+    keys = ("chair_s", "chair_i", "object_recall", "bleu4", "cider")
+    print("| settings | " + " | ".join(f"COCO {k}" for k in keys) + " | " + " | ".join(f"F8k {k}" for k in keys) + " |")
+    print("|---" * (1 + 2 * len(keys)) + "|")
+    for r in rows:
+        print(f"| {r['variant']} | " + " | ".join(str(r["coco-ood-dev"][k]) for k in keys) + " | "
+              + " | ".join(str(r["flickr8k-dev"][k]) for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    main()
