@@ -297,15 +297,47 @@ def _attention_png(result, path, folder, taken: set) -> None:
     atomic_write_bytes(Path(folder) / name, buf.getvalue())
 
 
+class _CaptionOutput:
+    """Where `caption` writes each photo: tab-separated text (default), CSV, or one JSON list at the end."""
+
+    def __init__(self, args):
+        import csv
+        self.json, self.n_best, self.rows = args.json, args.n_best, []
+        self.csv = csv.writer(sys.stdout, lineterminator="\n") if args.csv else None
+        # tab-separated text, quoted only where a field holds a tab, newline or quote (a file name may)
+        self.tsv = csv.writer(sys.stdout, delimiter="\t", lineterminator="\n")
+        if self.csv:
+            self.csv.writerow(["path", "rank", "caption", "score"] if self.n_best > 1 else
+                              ["path", "text", "confidence", "tags", "caption", "score"])
+
+    def write(self, path, r) -> None:
+        alts = r.alternatives[:self.n_best]
+        if self.json:
+            self.rows.append({"path": str(path)} | r.to_dict() | {"alternatives": alts})
+        elif self.csv and self.n_best > 1:
+            self.csv.writerows([path, k, a["caption"], a["score"]] for k, a in enumerate(alts, 1))
+        elif self.csv:
+            self.csv.writerow([path, r.text, "" if r.confidence is None else r.confidence,
+                               " ".join(c["word"].replace(" ", "_") for c in r.concepts), r.caption, r.score])
+        elif self.n_best > 1:
+            self.tsv.writerows([path, k, f"{a['score']:.4f}", a["caption"]] for k, a in enumerate(alts, 1))
+        else:
+            self.tsv.writerow([path, r.text])
+
+    def close(self) -> None:
+        if self.json:
+            import json
+            print(json.dumps(self.rows, indent=2, ensure_ascii=False))
+
+
 def _run_caption(args, captioner=None) -> int:
     """`captioner` may be passed in preloaded (benchmarks/latency.py times this exact path)."""
-    import csv
-    import json
-
     from tqdm import tqdm
+
+    from captioner.apps.readahead import caption_paths
+    from captioner.apps.video import is_video
     if args.beam < 1 or args.batch_size < 1 or not 1 <= args.n_best <= args.beam:
         raise UserError("--beam and --batch-size must be at least 1, and --n-best between 1 and --beam")
-    from captioner.apps.video import is_video
     videos = [p for p in args.paths if is_video(p)]
     if videos or args.vtt or args.srt:
         if len(videos) != len(args.paths):
@@ -319,23 +351,10 @@ def _run_caption(args, captioner=None) -> int:
         print(f"error: {line}", file=sys.stderr)
     if not paths:
         raise UserError("no images to caption")
-    if captioner is None:
-        from captioner.apps.api import Captioner
-        try:
-            captioner = Captioner.load(args.model, backend=args.backend, beam_size=args.beam, int8=args.int8,
-                                       grounded=args.grounded)
-        except (ValueError, RuntimeError, OSError) as e:  # missing/bad checkpoint, failed ONNX export
-            raise UserError(str(e).splitlines()[0]) from None
+    captioner = captioner or _load_for(args)
 
-    rows, failed, taken = [], 0, set()
-    writer = csv.writer(sys.stdout, lineterminator="\n") if args.csv else None
-    # tab-separated text, quoted only where a field holds a tab, newline or quote (a file name may)
-    tsv = csv.writer(sys.stdout, delimiter="\t", lineterminator="\n")
-    if writer:
-        writer.writerow(["path", "rank", "caption", "score"] if args.n_best > 1 else
-                        ["path", "text", "confidence", "tags", "caption", "score"])
+    out, failed, taken = _CaptionOutput(args), 0, set()
     bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=args.no_progress or len(paths) <= 20)
-    from captioner.apps.readahead import caption_paths
     # threads read the next batches while this one is captioned (+13% images/s; benchmarks/readahead.py)
     for batch, results in caption_paths(captioner, paths, args.batch_size, beam_size=args.beam, n_best=args.n_best,
                                         attention=bool(args.attention)):
@@ -344,19 +363,7 @@ def _run_caption(args, captioner=None) -> int:
                 failed += 1
                 tqdm.write(f"error: {r}", file=sys.stderr)
                 continue
-            alts = r.alternatives[:args.n_best]
-            if args.json:
-                rows.append({"path": str(path)} | r.to_dict() | {"alternatives": alts})
-            elif writer:
-                if args.n_best > 1:
-                    writer.writerows([path, k, a["caption"], a["score"]] for k, a in enumerate(alts, 1))
-                else:
-                    writer.writerow([path, r.text, "" if r.confidence is None else r.confidence,
-                                     " ".join(c["word"].replace(" ", "_") for c in r.concepts), r.caption, r.score])
-            elif args.n_best > 1:
-                tsv.writerows([path, k, f"{a['score']:.4f}", a["caption"]] for k, a in enumerate(alts, 1))
-            else:
-                tsv.writerow([path, r.text])
+            out.write(path, r)
             if args.attention:
                 try:
                     _attention_png(r, path, args.attention, taken)
@@ -367,8 +374,7 @@ def _run_caption(args, captioner=None) -> int:
         sys.stdout.flush()  # text and CSV stream batch by batch, so long runs show results early
         bar.update(len(batch))
     bar.close()
-    if args.json:
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
+    out.close()
     if failed and len(paths) > 1:
         print(f"{len(paths) - failed} of {len(paths)} images captioned, {failed} failed", file=sys.stderr)
     return 2 if problems else 1 if failed else 0
