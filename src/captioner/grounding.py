@@ -14,8 +14,9 @@ depends on how familiar the photo is: the evidence head learnt from Flickr8k, an
 training photos (a plate of food, a kitchen) its "person" and "dog" are guesses, so there an object needs more
 evidence (`ban_unfamiliar`). A photo is familiar when its pooled grid is close to one of 256 k-means centroids of
 the Flickr8k training photos (cosine similarity) and ImageNet does not recognise an object as its subject (a
-close-up of a cat or a cup of coffee is not a Flickr8k scene, however its colours and layout look). A caption's confidence is the evidence of the least supported object it
-names; below `hedge_below` it is said with less certainty.
+close-up of a cat or a cup of coffee is not a Flickr8k scene, however its colours and layout look). A caption's
+confidence is the evidence of the least supported object it names; below `hedge_below` it is said with less
+certainty.
 """
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ def concept_table(path: Path = CONCEPTS_FILE) -> tuple[list[str], np.ndarray]:
 
 
 class Grounding(nn.Module):
-    """Both heads; `forward` gives concept probabilities (B, W) and class evidence (B, len(CLASSES))."""
+    """Both heads and the familiarity centroids; `forward` gives concept probabilities (B, W), class evidence
+    (B, len(CLASSES)) and familiarity (B,)."""
 
     def __init__(self, channels: int = 1280, settings: GroundingSettings | None = None, centroids: int = 0):
         super().__init__()
