@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 DATA ?= ../shared/flickr8k
 WORK ?= work/flickr8k
 
-.PHONY: install axe test demo bench data features train scst clean
+.PHONY: install axe test demo bench data features train scst clean wheel
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,12 @@ test: install axe
 
 demo: install
 	$(VENV)/bin/captioner caption examples/
+
+# The wheel (dist/captioner-*.whl): the shipped model goes in as a model folder, exported first (ONNX graphs
+# checked against torch), so `pip install dist/captioner-*.whl` captions without torch.
+wheel: install
+	rm -f dist/captioner-*.whl
+	$(PY) tools/build_wheel.py --out dist
 
 # The full pipeline on Flickr8k (prepare -> features -> train -> evaluate).
 data: install

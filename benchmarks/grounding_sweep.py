@@ -59,17 +59,17 @@ def measure(captioner, ids, grids, refs, beam: int) -> dict:
 def main():
     args = parse_args(__doc__, "grounding_sweep.json")
     captioner = Captioner.load(args.model)
-    if captioner.grounding is None:
+    if captioner.describer is None:
         raise SystemExit(f"{args.model}: this model has no grounding heads")
-    shipped = captioner.grounding.settings
+    shipped = captioner.describer.settings
     sets = {name: grids_of(captioner, name, data, split, args.work)
             for name, data, split in (("coco-ood-dev", args.ood, "test"), ("flickr8k-dev", args.work, "dev"))}
     rows = []
     for label, change in tqdm(VARIANTS.items(), desc="settings", unit="variant"):
-        captioner.grounding.settings = replace(shipped, **change)
+        captioner.describer.settings = replace(shipped, **change)
         rows.append({"variant": label, "change": change,
                      **{name: measure(captioner, *s, args.beam) for name, s in sets.items()}})
-    captioner.grounding.settings = shipped
+    captioner.describer.settings = shipped
     Path(args.out).write_text(json.dumps({"beam": args.beam, "model": args.model or "shipped", "rows": rows},
                                          indent=1) + "\n")
     keys = ("chair_s", "chair_i", "object_recall", "bleu4", "cider")

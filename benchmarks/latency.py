@@ -1,6 +1,8 @@
 """How fast is "caption this photo"? Latency at batch 1, folder throughput, model load time, peak memory.
 
-    python benchmarks/latency.py [--no-int8] [--plain] --out benchmarks/results/latency.json
+    python benchmarks/latency.py [--no-int8] [--plain] [--runtime onnx --model FOLDER] --out benchmarks/results/latency.json
+
+`--runtime onnx` with a model folder (`captioner export FOLDER`) measures the torch-free install's path.
 
 1. load: Captioner.load() wall time (checkpoint + CNN; the ONNX export is cached, so not included).
 2. latency: JPEG file -> caption, one image at a time (batch 1, beam 3) on Flickr8k dev photos; median/p95 ms,
@@ -22,14 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from importlib import metadata
+
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from captioner.apps import cli
-from captioner.apps.api import Captioner, _torch_threads
+from captioner.apps.api import Captioner
 from captioner.data.images import load_image, preprocess
-from captioner.decode import decode
 from captioner.io import atomic_write_json
 
 FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "flickr8k"
@@ -62,10 +64,9 @@ def latency(c: Captioner, photos: list[Path], beam: int, warmup: int) -> dict:
         t0 = time.perf_counter()
         x = preprocess(load_image(p), c.encoder.spec)[None]
         t1 = time.perf_counter()
-        feats = torch.from_numpy(c.encoder.encode(x))
+        feats = c.encoder.encode(x)
         t2 = time.perf_counter()
-        with _torch_threads(1), torch.inference_mode():
-            decode(c.model, c.vocab, feats, beam_size=beam, max_len=c.max_len)
+        c.runtime.decode(feats, None, beam_size=beam, max_len=c.max_len, n_best=1)  # plain: no heads, no bias
         t3 = time.perf_counter()
         read.append(t1 - t0), enc.append(t2 - t1), dec.append(t3 - t2)
     return {"images": len(photos), "beam": beam, "caption_words_mean": round(float(np.mean(words)), 2),
@@ -93,7 +94,8 @@ def throughput(c: Captioner, photos: list[Path], beam: int, batch_size: int) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="checkpoint (default: the shipped model)")
+    ap.add_argument("--model", help="checkpoint or model folder (default: the shipped model)")
+    ap.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"], help="decoder runtime")
     ap.add_argument("--data", type=Path, default=FLICKR8K, help="Flickr8k root (../shared/flickr8k)")
     ap.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"])
     ap.add_argument("--beam", type=int, default=3)
@@ -108,25 +110,26 @@ def main() -> None:
 
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    c = Captioner.load(args.model, backend=args.backend, beam_size=args.beam, int8=args.int8, grounded=args.grounded)
+    c = Captioner.load(args.model, runtime=args.runtime, backend=args.backend, beam_size=args.beam, int8=args.int8,
+                       grounded=args.grounded)
     load_s = time.perf_counter() - t0
     lat = latency(c, dev_photos(args.data, args.latency_images), args.beam, args.warmup)
     thr = throughput(c, dev_photos(args.data, args.folder_images, skip=args.latency_images), args.beam,
                      args.batch_size)
     result = {
-        "model": c.info["name"], "encoder": c.info["encoder"], "backend": c.info["backend"],
+        "model": c.info["name"], "encoder": c.info["encoder"], "backend": c.info["backend"], "runtime": c.info["runtime"],
         "decoder_weights": c.info["decoder_weights"], "grounded": c.info["grounded"],
         "load_s": round(load_s, 2), "latency": lat, "throughput": thr,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
         "machine": {"cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in load_before],
-                    "loadavg_after": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__,
+                    "loadavg_after": [round(x, 2) for x in os.getloadavg()], "onnxruntime": metadata.version("onnxruntime"),
                     "python": sys.version.split()[0]},
         "goals": {"median_ms": 20, "folder_images_per_s": 75},
     }
     atomic_write_json(args.out, result)
 
     s = lat["stages_median_ms"]
-    print(f"model {result['model']} ({result['encoder']}, {result['backend']}, {result['decoder_weights']} decoder), "
+    print(f"model {result['model']} ({result['encoder']}, {result['backend']}, {result['runtime']} {result['decoder_weights']} decoder), "
           f"{os.cpu_count()} CPUs, "
           f"load average {load_before[0]:.1f} -> {result['machine']['loadavg_after'][0]:.1f}")
     print(f"{'measure':<44} {'value':>10}  goal")

@@ -173,17 +173,19 @@ def test_int8_decoder_writes_nearly_the_same_captions(captioner, model_path, fli
     """int8 weights are the default; on real photos they mostly give the float model's captions (the dev
     scores match: benchmarks/levers.py --int8), and a checkpoint without measured ranges decodes in float."""
     # plain decoding on both sides: the grounding's hedges would hide what the weights do
-    exact = Captioner(captioner.checkpoint, captioner.encoder, int8=False, grounded=False)
-    captioner = Captioner(captioner.checkpoint, captioner.encoder, grounded=False)
+    checkpoint = captioner.runtime.checkpoint
+    exact = Captioner(checkpoint, captioner.encoder, int8=False, grounded=False)
+    captioner = Captioner(checkpoint, captioner.encoder, grounded=False)
     assert captioner.info["decoder_weights"] == "int8" and exact.info["decoder_weights"] == "float32"
-    assert "quantized" in type(captioner.model.out.layer).__module__ and type(exact.model.out) is torch.nn.Linear
+    assert "quantized" in type(captioner.runtime.model.out.layer).__module__
+    assert type(exact.runtime.model.out) is torch.nn.Linear
     names = (flickr8k_root / "text" / "Flickr_8k.devImages.txt").read_text().split()[:24]
     photos = [flickr8k_root / "images" / n for n in names]
     fast, slow = captioner.caption_batch(photos), exact.caption_batch(photos)
     same = sum(a.caption == b.caption for a, b in zip(fast, slow))
     assert same >= 16, [(a.caption, b.caption) for a, b in zip(fast, slow) if a.caption != b.caption]
     assert all(abs(a.score - b.score) < 0.5 for a, b in zip(fast, slow) if a.caption == b.caption)
-    ranges = dict(captioner.checkpoint.meta)
+    ranges = dict(checkpoint.meta)
     ranges.pop("int8_ranges")
-    old = Captioner(type(captioner.checkpoint)(**{**vars(captioner.checkpoint), "meta": ranges}), captioner.encoder)
+    old = Captioner(type(checkpoint)(**{**vars(checkpoint), "meta": ranges}), captioner.encoder)
     assert old.info["decoder_weights"] == "float32"

@@ -148,10 +148,13 @@ def axe_js() -> Path:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_path, flickr8k_root):
-    """The server with a photo library of three Flickr8k photos, so the page has its search box."""
+    """The server with a library of three Flickr8k photos and a video of three scenes (H.264, as browsers
+    play), so the page has its search box."""
+    from test_video import PHOTOS, SECONDS, make_clip
     folder = tmp_path_factory.mktemp("library")
     for name in LIBRARY_PHOTOS:
         shutil.copy(flickr8k_root / "images" / name, folder / name)
+    make_clip(folder / "clip.mp4", [REPO / "examples" / name for name in PHOTOS], SECONDS, codec="libx264")
     db = folder / "library.sqlite"
     subprocess.run([*captioner_command(), "index", str(folder), "--db", str(db), "--model", str(model_path),
                     "--no-progress"], check=True, capture_output=True, timeout=300)
@@ -209,6 +212,20 @@ def open_page(chromium, server, **options):
 def said(page, text: str) -> list[dict]:
     """The live-region changes a screen reader would read out that contain `text`."""
     return [e for e in page.evaluate("window.__live") if text in e["text"]]
+
+
+def result_name(hit: dict) -> str:
+    """What a search result's link is named: the caption, and for a video scene its times (app.js clock)."""
+    clock = lambda s: f"{int(s // 60)}:{s % 60:04.1f}"  # noqa: E731
+    return hit["caption"] + (f" (video, {clock(hit['start'])} to {clock(hit['end'])})" if "start" in hit else "")
+
+
+def found(hits: list[dict]) -> str:
+    """The search status: how many photos and video scenes were found."""
+    scenes = sum("start" in h for h in hits)
+    photos, plural = len(hits) - scenes, lambda n, word: f"{n} {word}{'s' if n != 1 else ''}"  # noqa: E731
+    return " and ".join(([plural(photos, "photo")] if photos or not scenes else [])
+                        + ([plural(scenes, "video scene")] if scenes else [])) + " found"
 
 
 def caption_photo(page, photo: Path, text: str) -> None:
@@ -346,11 +363,43 @@ def test_search_results_named_once(chromium, server, expected):
     page.wait_for_selector("#search-results li")
     tree = page.locator("#search-results").aria_snapshot()
     for hit in hits:
-        # reachable (a link to the photo) and named by its caption exactly once: not also by alt or a figure
-        assert page.get_by_role("link", name=hit["caption"], exact=True).count() >= 1
+        # reachable (a link to the photo or video) and named by its caption exactly once: not also by alt or a figure
+        assert page.get_by_role("link", name=result_name(hit), exact=True).count() >= 1
         assert tree.count(hit["caption"]) == sum(h["caption"] == hit["caption"] for h in hits), tree
-    assert page.inner_text("#search-status") == f"{len(hits)} photo{'s' if len(hits) != 1 else ''} found"
+    assert page.inner_text("#search-status") == found(hits)
     assert errors == []
+    page.close()
+
+
+def test_search_finds_a_video_scene_and_plays_it_from_its_start(chromium, server, axe_js):
+    page, errors = open_page(chromium, server)
+    page.add_init_script(path=str(axe_js))
+    page.reload()
+    page.wait_for_selector("#search-section:not([hidden])")
+    scenes = [h for h in httpx.get(f"{server}/api/search", params={"q": "man people cat game", "limit": 50})
+              .json()["results"] if h.get("start")]  # a scene after the first: its start is not 0
+    assert scenes, "no video scene found"
+    hit = scenes[0]
+    page.fill("#q", hit["caption"])
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#search-results li")
+    assert page.inner_text("#search-status") == found(httpx.get(
+        f"{server}/api/search", params={"q": hit["caption"], "limit": 24}).json()["results"])
+    link = page.get_by_role("link", name=result_name(hit), exact=True).first
+    href = link.get_attribute("href")
+    assert href.endswith(f"#t={hit['start']:g},{hit['end']:g}"), href  # a media fragment: the scene's times
+    # the preview (hidden from screen readers: the link's name says it) shows the scene's start
+    preview = f"document.querySelector('#search-results a[href=\"{href}\"] video')"
+    wait_until(page, f"{preview}.readyState >= 1", 30)
+    assert abs(page.evaluate(f"{preview}.currentTime") - hit["start"]) < 0.2
+    assert page.evaluate(f"{preview}.getAttribute('aria-hidden')") == "true"
+    report = page.evaluate(AXE_RUN, AXE_TAGS)
+    assert report["passed"] > 0 and report["violations"] == [], report["violations"]
+    assert errors == []
+    # following the link plays the video from the scene's start
+    link.click()
+    wait_until(page, "document.querySelector('video') && document.querySelector('video').readyState >= 1", 30)
+    assert hit["start"] - 0.1 <= page.evaluate("document.querySelector('video').currentTime") <= hit["end"] + 0.1
     page.close()
 
 

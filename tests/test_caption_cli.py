@@ -26,7 +26,7 @@ def run(captioner, monkeypatch, capsys):
     """Run `captioner caption ARGS` through cli.main with the module's model, so it loads only once."""
     loads = []
 
-    def load(path=None, *, backend="auto", beam_size=3, max_len=30, int8=True, grounded=True):
+    def load(path=None, *, runtime="auto", backend="auto", beam_size=3, max_len=30, int8=True, grounded=True):
         loads.append({"path": path, "backend": backend, "beam_size": beam_size, "int8": int8, "grounded": grounded})
         return captioner
     monkeypatch.setattr(Captioner, "load", staticmethod(load))

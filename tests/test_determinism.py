@@ -44,7 +44,7 @@ def test_batches_give_the_captions_of_photos_alone(captioner, photos, alone, bat
 
 
 def test_float_decoder_is_deterministic_too(captioner, photos):
-    exact = Captioner(captioner.checkpoint, captioner.encoder, int8=False)
+    exact = Captioner(captioner.runtime.checkpoint, captioner.encoder, int8=False)
     one = [_key(exact.caption(p)) for p in photos[:8]]
     assert [_key(r) for r in exact.caption_batch(photos[:8])] == one
 
@@ -53,7 +53,7 @@ def test_evaluate_scores_the_captions_users_get(captioner, tiny_workdir, tmp_pat
     """`evaluate` reads grids from the feature store; `caption` encodes the photo: same caption either way."""
     from captioner.data.datasets import load_prepared
     from captioner.evaluation.evaluate import evaluate
-    model = captioner.checkpoint.path
+    model = captioner.runtime.path
     evaluate(model, tiny_workdir, "dev", beam_size=3, out=tmp_path, meteor=False, progress=False)
     scored = {c["image_id"]: c["caption"] for c in json.loads((tmp_path / "captions.json").read_text())}
     records = load_prepared(tiny_workdir).split("dev")

@@ -7,27 +7,31 @@ from captioner.apps.api import Captioner
 from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.data.objects import object_classes
 from captioner.decode import decode
+from captioner.describe import Describer
 from captioner.grounding import CLASSES, Grounding, GroundingSettings, evidence_labels, fit_domain, train_evidence
 
 
-def _heads(**settings) -> Grounding:
-    g = Grounding(settings=GroundingSettings(**settings))
-    g.learnt[:] = True
-    return g.eval()
+def _heads(**settings) -> Describer:
+    """The decisions (describe.py) for heads that learnt every class."""
+    return Describer(GroundingSettings(**settings), [True] * len(CLASSES))
 
 
-def _evidence(**classes) -> torch.Tensor:
-    e = torch.full((len(CLASSES),), 0.05)
+def _evidence(**classes) -> np.ndarray:
+    e = np.full(len(CLASSES), 0.05, np.float32)
     for c, p in classes.items():
         e[CLASSES.index(c.replace("_", " "))] = p
     return e
 
 
-def _concepts(g: Grounding, **words) -> torch.Tensor:
-    c = torch.zeros(len(g.words))
+def _concepts(g: Describer, **words) -> np.ndarray:
+    c = np.zeros(len(g.words), np.float32)
     for w, p in words.items():
         c[g.words.index(w)] = p
     return c
+
+
+def _rows(x: np.ndarray, n: int = 2) -> np.ndarray:
+    return np.repeat(x[None], n, 0)
 
 
 ITOS = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "dogs", "puppy", "man", "cat", "orange", "grass"]
@@ -35,15 +39,15 @@ ITOS = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "dogs", "puppy", "man"
 
 def test_word_bias_bans_unsupported_objects_and_boosts_concepts():
     g = _heads(weight=1.0, ban_below=0.1, ban_unfamiliar=0.7, familiar_above=0.5, boost=2.0)
-    ev = _evidence(dog=0.05, person=0.6, cat=0.8).expand(2, -1)
-    familiar = torch.tensor([True, False])
-    bias = g.word_bias(_concepts(g, cat=0.5).expand(2, -1), ev, familiar, ITOS)
-    assert torch.isinf(bias[:, [5, 6, 7]]).all()                  # every dog word, on both photos
+    ev = _rows(_evidence(dog=0.05, person=0.6, cat=0.8))
+    familiar = np.array([True, False])
+    bias = g.word_bias(_rows(_concepts(g, cat=0.5)), ev, familiar, ITOS)
+    assert np.isneginf(bias[:, [5, 6, 7]]).all()                  # every dog word, on both photos
     assert bias[0, 8] == pytest.approx(np.log(0.6))               # man <- person, named on the familiar photo
-    assert torch.isinf(bias[1, 8])                                # ... but 0.6 is too little on the unfamiliar one
+    assert np.isneginf(bias[1, 8])                                # ... but 0.6 is too little on the unfamiliar one
     assert bias[1, 9] == pytest.approx(np.log(0.8) + 2.0 * 0.5)   # cat: evidence and the concept's boost
     g.settings.ban_class = {"person": 0.65}                      # a class that needs more, even on familiar photos
-    assert torch.isinf(g.word_bias(_concepts(g).expand(2, -1), ev, familiar, ITOS)[0, 8])
+    assert np.isneginf(g.word_bias(_rows(_concepts(g)), ev, familiar, ITOS)[0, 8])
     assert (bias[:, [10, 11]] == 0).all()                         # the colour orange and non-objects are free
 
 
@@ -60,8 +64,8 @@ def test_familiarity_is_high_on_training_like_grids_and_low_elsewhere():
 
 def test_an_object_close_up_is_unfamiliar_but_a_dog_is_not():
     g = _heads(familiar_above=0.5, object_photo_above=0.6)
-    concepts = torch.stack([_concepts(g), _concepts(g, cat=0.9), _concepts(g, dog=0.9), _concepts(g)])
-    familiarity = torch.tensor([0.9, 0.9, 0.9, 0.3])
+    concepts = np.stack([_concepts(g), _concepts(g, cat=0.9), _concepts(g, dog=0.9), _concepts(g)])
+    familiarity = np.array([0.9, 0.9, 0.9, 0.3])
     assert g.familiar(concepts, familiarity).tolist() == [True, False, True, False]
 
 
@@ -121,14 +125,15 @@ def test_grounded_decoding_never_names_a_banned_object(model_path, flickr8k_root
     itos = ckpt.vocab.itos
     bias = torch.zeros(len(dog_photos), len(itos))
     bias[:, [i for i, w in enumerate(itos) if "dog" in object_classes(w)]] = -float("inf")
-    for hyps in decode(c.model, ckpt.vocab, feats, beam_size=3, n_best=3, bias=bias):
+    for hyps in decode(c.runtime.model, ckpt.vocab, feats, beam_size=3, n_best=3, bias=bias):
         for h in hyps:
             assert "dog" not in object_classes(h.text), h.text
 
 
 def test_heads_travel_in_the_checkpoint_and_old_ones_still_caption(model_path, tmp_path):
     ckpt = load_checkpoint(model_path)
-    g = _heads(weight=0.25)
+    g = Grounding(settings=GroundingSettings(weight=0.25))
+    g.learnt[:] = True
     torch.nn.init.normal_(g.evidence.weight)
     path = tmp_path / "with-heads.safetensors"
     save_checkpoint(path, ckpt.model, ckpt.vocab, ckpt.config, {"name": "t"}, grounding=g)
@@ -140,7 +145,7 @@ def test_heads_travel_in_the_checkpoint_and_old_ones_still_caption(model_path, t
     old = tmp_path / "old.safetensors"
     save_checkpoint(old, ckpt.model, ckpt.vocab, ckpt.config, {"name": "old"})
     plain = Captioner.load(old)
-    assert plain.grounding is None and plain.info["grounded"] is False
+    assert plain.describer is None and plain.info["grounded"] is False
     r = plain.caption(Path_examples("cat.jpg"))
     assert r.confidence is None and r.concepts == [] and r.text == r.caption and r.caption
 
@@ -152,7 +157,7 @@ def Path_examples(name):
 
 def test_shipped_model_sees_the_cat_and_the_coffee(model_path):
     c = Captioner.load(model_path)
-    if c.grounding is None:
+    if c.describer is None:
         pytest.fail("the shipped model has no grounding heads")
     cat, coffee = c.caption_batch([Path_examples("cat.jpg"), Path_examples("coffee.jpg")])
     assert cat.concepts[0]["word"] == "cat" and "cat" in cat.text

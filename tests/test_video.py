@@ -16,12 +16,14 @@ SECONDS = [2.5, 3.0, 2.0]  # scenes: 0-2.5, 2.5-5.5, 5.5-7.5
 TIMING = re.compile(r"^(\d{2}):([0-5]\d):([0-5]\d)\.(\d{3}) --> (\d{2}):([0-5]\d):([0-5]\d)\.(\d{3})$")
 
 
-def make_clip(path: Path, photos: list[Path], seconds: list[float], fps: int = 10, size=(320, 240)) -> Path:
-    """An MP4 (MPEG-4 Part 2, index at the front so a truncated copy still opens) of each photo held still."""
+def make_clip(path: Path, photos: list[Path], seconds: list[float], fps: int = 10, size=(320, 240),
+              codec: str = "mpeg4") -> Path:
+    """An MP4 (MPEG-4 Part 2, index at the front so a truncated copy still opens) of each photo held still;
+    codec="libx264" makes one browsers play (H.264)."""
     import av
     from PIL import Image
     with av.open(str(path), "w", options={"movflags": "+faststart"}) as out:
-        stream = out.add_stream("mpeg4", rate=fps)
+        stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
         for photo, secs in zip(photos, seconds):
             frame = np.asarray(Image.open(photo).convert("RGB").resize(size))

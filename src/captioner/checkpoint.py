@@ -15,16 +15,12 @@ from captioner.config import Config
 from captioner.data.vocab import Vocabulary
 from captioner.io import atomic_write_bytes
 from captioner.model import ShowAttendTell
+from captioner.pretrained import FILES, default_model_path
 
 if TYPE_CHECKING:
     from captioner.grounding import Grounding
 
 FORMAT = "captioner-sat/1"
-
-
-def default_model_path() -> Path:
-    """The Flickr8k model shipped inside the package."""
-    return Path(__file__).resolve().parent / "assets" / "flickr8k-sat.safetensors"
 
 
 GROUNDING_PREFIX = "grounding."  # tensors of the concept and evidence heads (grounding.py), when the model has them
@@ -108,6 +104,8 @@ def check_weights(path, state: dict, expected: dict) -> None:
 
 def load_checkpoint(path=None, device: str | torch.device = "cpu") -> Checkpoint:
     path = Path(path) if path is not None else default_model_path()
+    if path.is_dir():  # a model folder (pretrained.py): its checkpoint
+        path = path / FILES["weights"]
     header = read_header(path)
     try:
         config = Config.from_json(header["config"])

@@ -8,11 +8,10 @@ hypothesis of every image at once; images whose search is over leave the batch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
+from captioner.beam import BAD_ENDINGS, Caption  # noqa: F401  (Caption: the result type of every search)
 from captioner.data.vocab import Vocabulary
 from captioner.model import ShowAttendTell
 
@@ -39,22 +38,6 @@ class Ensemble(torch.nn.Module):
         probs = torch.stack([torch.softmax(o[0].float(), dim=1) for o in outs]).mean(0)
         alpha = torch.stack([o[1] for o in outs]).mean(0)
         return probs.log(), alpha, [o[2] for o in outs]
-
-
-@dataclass
-class Caption:
-    tokens: list[str]
-    score: float  # sum of log-probabilities (length-normalised when asked)
-    attention: np.ndarray | None = None  # (len(tokens), R): where the model looked for each word
-
-    @property
-    def text(self) -> str:
-        return " ".join(self.tokens)
-
-
-# A caption must not stop on these words ("a baby is playing in a pile of"); CIDEr-D barely punishes such
-# endings, so self-critical training would otherwise learn them.
-BAD_ENDINGS = frozenset("a an the and in for at of with before after on upon near to is are am".split())
 
 
 def bad_ending_ids(vocab: Vocabulary, device=None) -> torch.Tensor:

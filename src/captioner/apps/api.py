@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator, Sized
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from captioner.checkpoint import Checkpoint, load_checkpoint
 from captioner.data.images import ImageError, load_image, preprocess
-from captioner.decode import decode
 from captioner.features.encoder import Encoder, get_spec
-from captioner.model import quantize_int8
+from captioner.pretrained import default_model_path
+from captioner.runtime import open_runtime
 
 
 @dataclass
@@ -52,71 +49,73 @@ class CaptionResult:
         return d
 
 
-@contextmanager
-def _torch_threads(n: int):
-    """Run the block on n intra-op threads, then restore. The decoder's matmuls are tiny: on a busy 2-core
-    machine, 2 OpenMP threads waiting on each other made beam search 10-20x slower than 1 (benchmarks/latency.py)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _name(src) -> str | None:
     return str(src) if isinstance(src, (str, Path)) else getattr(src, "filename", None) or None
 
 
 class Captioner:
     """The one inference path: preprocessing, the encoder, the decoder, its vocabulary, the grounding heads and
-    the decoding settings, loaded once from one checkpoint file and used by every surface."""
+    the decoding settings, loaded once from one checkpoint or model folder and used by every surface."""
 
-    def __init__(self, checkpoint: Checkpoint, encoder: Encoder | None = None, *, beam_size: int = 3,
-                 max_len: int = 30, int8: bool = True, grounded: bool = True, backend: str = "auto",
-                 threads: int | None = None):
-        """`encoder` None loads the checkpoint's encoder (with `backend`) when the first image needs it: a
-        caller with cached grids (`evaluate` on a feature store) never pays for it."""
-        if encoder is not None and encoder.spec.name != checkpoint.config.encoder:
-            raise ValueError(f"{checkpoint.path}: model was trained on {checkpoint.config.encoder} features, "
+    def __init__(self, model, encoder: Encoder | None = None, *, beam_size: int = 3, max_len: int = 30,
+                 int8: bool = True, grounded: bool = True, backend: str = "auto", threads: int | None = None):
+        """`model` is a checkpoint (checkpoint.load_checkpoint; decoded by torch, with `int8` and `grounded`) or a
+        runtime from runtime.open_runtime. `encoder` None loads the model's encoder (with `backend`) when the
+        first image needs it: a caller with cached grids (`evaluate` on a feature store) never pays for it."""
+        if not hasattr(model, "decode"):
+            from captioner.runtime import TorchRuntime
+            model = TorchRuntime(model, int8=int8, grounded=grounded)
+        self.runtime = model
+        self.spec = get_spec(model.config.encoder)
+        if encoder is not None and encoder.spec.name != self.spec.name:
+            raise ValueError(f"{model.path}: model was trained on {self.spec.name} features, "
                              f"encoder is {encoder.spec.name}")
-        self.checkpoint, self._encoder, self._backend, self._threads = checkpoint, encoder, backend, threads
-        self.spec = get_spec(checkpoint.config.encoder)
-        # int8 needs the activation ranges measured when the model shipped; older checkpoints decode in float
-        ranges = checkpoint.meta.get("int8_ranges")
-        self.int8 = bool(int8 and ranges)
-        self.model = quantize_int8(checkpoint.model, ranges) if self.int8 else checkpoint.model
-        self.vocab = checkpoint.vocab
+        self._encoder, self._backend, self._threads = encoder, backend, threads
+        self.vocab = model.vocab
         self.beam_size, self.max_len = beam_size, max_len
-        # the concept and evidence heads, when the checkpoint has them (grounding.py); False: plain captions
-        self.grounding = checkpoint.grounding if grounded else None
+        # what to say from the concept and evidence heads (describe.py); None: plain captions
+        self.describer = model.describer
 
     @classmethod
-    def load(cls, path=None, *, backend: str = "auto", beam_size: int = 3, max_len: int = 30,
+    def load(cls, path=None, *, runtime: str = "auto", backend: str = "auto", beam_size: int = 3, max_len: int = 30,
              int8: bool = True, grounded: bool = True, threads: int | None = None) -> "Captioner":
-        """`path` None loads the shipped Flickr8k model; `backend` picks onnxruntime or torch for the CNN;
-        `int8` decodes with int8 weights (several times faster at batch 1; False: the float weights);
-        `grounded` False ignores the model's concept and evidence heads (plain Show, Attend and Tell);
-        `threads` caps onnxruntime's encoder threads (None: one per core)."""
-        ckpt = load_checkpoint(path)
-        return cls(ckpt, Encoder.load(ckpt.config.encoder, backend=backend, threads=threads), beam_size=beam_size,
-                   max_len=max_len, int8=int8, grounded=grounded, backend=backend, threads=threads)
+        """`path`: a checkpoint file or a model folder (pretrained.py); None: the shipped Flickr8k model.
+        `runtime` "torch" decodes with torch (int8 weights unless `int8` is False), "onnx" with a model
+        folder's graphs and no torch; "auto": torch if installed. `backend` picks onnxruntime or torch for the CNN;
+        `grounded` False ignores the concept and evidence heads (plain Show, Attend and Tell); `threads` caps
+        onnxruntime's encoder threads (None: one per core)."""
+        rt = open_runtime(Path(path) if path is not None else default_model_path(), runtime, int8=int8,
+                          grounded=grounded)
+        c = cls(rt, beam_size=beam_size, max_len=max_len, backend=backend, threads=threads)
+        c.encoder  # loaded now, so a broken encoder fails here and the first photo is not slow
+        return c
+
+    from_pretrained = load
+
+    def save_pretrained(self, folder, **options) -> dict:
+        """Write this model as a model folder (pretrained.save_pretrained; needs torch)."""
+        from captioner.pretrained import save_pretrained
+        return save_pretrained(self.runtime.path, folder, beam_size=self.beam_size, max_len=self.max_len, **options)
 
     @property
     def encoder(self) -> Encoder:
         if self._encoder is None:
-            self._encoder = Encoder.load(self.spec.name, backend=self._backend, threads=self._threads)
+            onnx_file = getattr(self.runtime, "encoder_path", None)
+            if onnx_file is not None and self._backend in ("auto", "onnx"):
+                self._encoder = Encoder.from_onnx(self.spec.name, onnx_file, threads=self._threads)
+            else:
+                self._encoder = Encoder.load(self.spec.name, backend=self._backend, threads=self._threads)
         return self._encoder
 
     @property
     def info(self) -> dict:
-        spec = self.spec
-        meta = self.checkpoint.meta
-        return {"name": meta.get("name", self.checkpoint.path.stem), "path": str(self.checkpoint.path),
+        spec, rt = self.spec, self.runtime
+        meta = rt.meta
+        return {"name": meta.get("name", rt.path.stem), "path": str(rt.path),
                 "encoder": spec.name, "input_size": spec.input_size, "grid": list(spec.grid),
                 "vocab_size": len(self.vocab), "dev_scores": meta.get("dev_scores", meta.get("dev_scores_greedy")),
-                "beam_size": self.beam_size, "backend": self.encoder.backend,
-                "decoder_weights": "int8" if self.int8 else "float32", "grounded": self.grounding is not None}
+                "beam_size": self.beam_size, "backend": self.encoder.backend, "runtime": rt.name,
+                "decoder_weights": "int8" if rt.int8 else "float32", "grounded": self.describer is not None}
 
     def caption(self, image, *, beam_size: int | None = None, n_best: int = 1,
                 attention: bool = False) -> CaptionResult:
@@ -168,24 +167,21 @@ class Captioner:
         alt text, `evaluate`), so what is scored is what people get."""
         # rounded to float16 as the feature store keeps grids, so a photo gets the same caption whether its grid
         # was just computed (caption, serve) or read from a store (evaluate)
-        feats = torch.from_numpy(np.asarray(feats).astype(np.float16).astype(np.float32))
-        grid = self.spec.grid
-        with _torch_threads(1), torch.inference_mode():
-            bias = concepts = evidence = familiar = None
-            if self.grounding is not None:
-                concepts, evidence, familiarity = self.grounding(feats)
-                familiar = self.grounding.familiar(concepts, familiarity)
-                bias = self.grounding.word_bias(concepts, evidence, familiar, self.vocab.itos)
-            beams = decode(self.model, self.vocab, feats, bias=bias, beam_size=beam_size or self.beam_size,
-                           max_len=self.max_len, n_best=max(1, n_best), return_attention=attention)
+        feats = np.ascontiguousarray(np.asarray(feats).astype(np.float16).astype(np.float32))
+        bias = concepts = evidence = None
+        if self.describer is not None:
+            concepts, evidence, familiarity = self.runtime.heads(feats)
+            familiar = self.describer.familiar(concepts, familiarity)
+            bias = self.describer.word_bias(concepts, evidence, familiar, self.vocab.itos)
+        beams = self.runtime.decode(feats, bias, beam_size=beam_size or self.beam_size, max_len=self.max_len,
+                                    n_best=max(1, n_best), return_attention=attention)
         out = []
         for k, hyps in enumerate(beams):
             best = hyps[0]
-            said = {} if self.grounding is None else \
-                self.grounding.describe(best.text, concepts[k], evidence[k])
+            said = {} if self.describer is None else self.describer.describe(best.text, concepts[k], evidence[k])
             att = None
             if attention and best.attention is not None:
-                att = best.attention.reshape(len(best.tokens), *grid)
+                att = best.attention.reshape(len(best.tokens), *self.spec.grid)
             out.append(CaptionResult(best.text, round(best.score, 4), best.tokens,
                                      [{"caption": h.text, "score": round(h.score, 4)} for h in hyps], att, None,
                                      **said))

@@ -153,7 +153,7 @@ def _run_train(args) -> int:
 
 def _add_evaluate(sub):
     p = sub.add_parser("evaluate", help="decode a split and score it the COCO-toolkit way")
-    p.add_argument("--model", help="checkpoint (.safetensors); default: the shipped model")
+    p.add_argument("--model", metavar="PATH", help="checkpoint file or model folder; default: the shipped model")
     p.add_argument("--data", help="prepared WORKDIR or raw dataset ROOT (references and images)")
     p.add_argument("--split", default="dev", choices=["train", "dev", "test"], help="split to score")
     p.add_argument("--beam", type=int, default=3, help="beam size (1 = greedy)")
@@ -230,9 +230,13 @@ def _add_caption(sub):
 
 def _add_model_options(p) -> None:
     """The options that choose and set up the model, spelled the same in every subcommand that captions."""
-    p.add_argument("--model", metavar="CKPT", default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--model", metavar="PATH", default=None,
+                   help="checkpoint file or model folder (`captioner export`); default: the shipped model")
     p.add_argument("--beam", type=int, default=3, help="beam size, 1 = greedy")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"], help="CNN runtime")
+    p.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"],
+                   help="decoder runtime: torch (int8), or a model folder's ONNX graphs (no torch needed); "
+                        "auto: torch if installed")
     p.add_argument("--no-int8", dest="int8", action="store_false",
                    help="decode with the float weights instead of int8 (slower, the exact evaluated model)")
     p.add_argument("--plain", dest="grounded", action="store_false",
@@ -413,7 +417,7 @@ def _run_caption_ray(args) -> int:
 def _load_for(args):
     from captioner.apps.api import Captioner
     try:
-        return Captioner.load(args.model, backend=args.backend, beam_size=args.beam, int8=args.int8,
+        return Captioner.load(args.model, runtime=args.runtime, backend=args.backend, beam_size=args.beam, int8=args.int8,
                               grounded=args.grounded)
     except (ValueError, RuntimeError, OSError) as e:  # missing/bad checkpoint, failed ONNX export
         raise UserError(str(e).splitlines()[0]) from None
@@ -497,7 +501,8 @@ def _add_serve(sub):
     p = sub.add_parser("serve", help="HTTP API and accessible web page")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback lets other machines in")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
-    p.add_argument("--model", metavar="CKPT", default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--model", metavar="PATH", default=None,
+                   help="checkpoint file or model folder; default: the shipped model")
     p.add_argument("--max-upload-mb", type=float, default=10, help="larger uploads get 413")
     p.add_argument("--db", metavar="LIBRARY", default=None, help="SQLite photo library to search")
     p.add_argument("--batch-size", type=int, default=16, dest="max_batch", metavar="N",
@@ -523,11 +528,36 @@ def _run_serve(args) -> int:
     return 0
 
 
+# --- export ------------------------------------------------------------------------------------
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="write a model folder: config, vocabulary, weights, ONNX graphs, model card",
+                       description="Write a model folder (pretrained.py) that `--model DIR`, Captioner.load(DIR) and "
+                       "installs without torch run. Every ONNX graph is checked against the torch model.")
+    p.add_argument("folder", metavar="DIR", help="the folder to write (replaced if it is a model folder)")
+    p.add_argument("--model", metavar="CKPT", default=None, help="checkpoint to export (default: the shipped model)")
+    p.add_argument("--card", metavar="FILE.md", help="model card (default: written from the checkpoint's metadata)")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> int:
+    from captioner.pretrained import save_pretrained
+    try:
+        card = open(args.card, encoding="utf-8").read() if args.card else None
+        info = save_pretrained(args.model, args.folder, card=card)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise UserError(str(e).splitlines()[0]) from None
+    worst = max(info["onnx_check"]["max_abs_error"].values())
+    print(f"{args.folder}: model folder of {info['name']} written (ONNX graphs within {worst:.1e} of torch)")
+    return 0
+
+
 # --- library: index / search / tags / alt-text ----------------------------------------------
 
 def _add_library(sub):
-    p = sub.add_parser("index", help="caption every image under a folder into an SQLite library")
-    p.add_argument("folder", help="folder searched recursively for jpg/jpeg/png/gif/bmp/webp/tif/tiff/heic/heif/avif")
+    p = sub.add_parser("index", help="caption every image and video scene under a folder into an SQLite library")
+    p.add_argument("folder", help="folder searched recursively for jpg/jpeg/png/gif/bmp/webp/tif/tiff/heic/heif/avif "
+                   "images and mp4/mov/mkv/webm/avi/... videos (one library entry per scene)")
     p.add_argument("--db", default="library.sqlite", help="SQLite library to create or update")
     _add_model_options(p)
     p.add_argument("--n-best", type=int, default=3, help="captions kept and searched per image")
@@ -558,7 +588,8 @@ def _add_library(sub):
     p.add_argument("query", help="free text; every word is plain text (no FTS5 syntax)")
     p.add_argument("--db", default="library.sqlite", help="SQLite library")
     p.add_argument("--limit", type=int, default=10, help="results shown")
-    p.add_argument("--json", action="store_true", help="print a JSON list of {path, score, caption, ...}")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list of {path, score, caption, ...}; video scenes add start and end seconds")
     p.set_defaults(run=_run_search)
     p = sub.add_parser("tags", help="list a library's tags with counts")
     p.add_argument("--db", default="library.sqlite", help="SQLite library")
@@ -581,7 +612,7 @@ def _add_library(sub):
 def _load_if_chosen(args):
     """The captioner the model options ask for, or None for the shipped model with default settings, which
     the library loads only if some image needs captioning."""
-    chosen = args.model or args.backend != "auto" or not args.int8 or not args.grounded
+    chosen = args.model or args.backend != "auto" or args.runtime != "auto" or not args.int8 or not args.grounded
     return _load_for(args) if chosen else None
 
 
@@ -601,7 +632,9 @@ def _run_index(args) -> int:
         raise UserError(str(e)) from None
     for line in s.get("skipped", []) + s["errors"] + (meta["errors"] if meta else []):
         print(f"skipped {line}", file=sys.stderr)
-    print(f"{s['db']}: {s['found']} images under {s['folder']}: {s['captioned']} captioned, "
+    videos = f" and {s['videos']} videos" if s["videos"] else ""
+    described = f"{s['described']} videos described ({s['scenes']} scenes), " if s["videos"] else ""
+    print(f"{s['db']}: {s['found']} images{videos} under {s['folder']}: {s['captioned']} captioned, {described}"
           f"{s['unchanged'] + s['touched']} unchanged, {s['removed']} removed, {s['failed']} unreadable"
           + (f" (model {s['model']})" if s["model"] else "")
           + (f"; metadata written for {len(meta['written'])}" + (" (in the files)" if args.in_file else " (XMP sidecars)")
@@ -633,6 +666,7 @@ def _run_tag(args) -> int:
 def _run_search(args) -> int:
     import json
     from captioner.apps.library import search
+    from captioner.apps.video import clock
     try:
         hits = search(args.db, args.query, limit=args.limit)
     except (ValueError, OSError) as e:
@@ -645,7 +679,8 @@ def _run_search(args) -> int:
     for i, h in enumerate(hits, 1):
         also = f"  (matched: {h['matched']})" if h["matched"] != h["caption"] else ""
         path = json.dumps(h["path"], ensure_ascii=False) if any(c in h["path"] for c in '"\n\r\t') else h["path"]
-        print(f"{i:>3}. {h['score']:9.3g}  {path}\n       {h['caption']}{also}")
+        when = f" {clock(h['start'])}-{clock(h['end'])}" if "start" in h else ""  # a video scene
+        print(f"{i:>3}. {h['score']:9.3g}  {path}{when}\n       {h['caption']}{also}")
     return 0
 
 
@@ -707,9 +742,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True,
                                 parser_class=partial(argparse.ArgumentParser, formatter_class=_HelpFormatter))
     for add in (_add_prepare, _add_features, _add_train, _add_evaluate, _add_caption, _add_live,
-                _add_serve, _add_library):
+                _add_serve, _add_library, _add_export):
         add(sub)
     return parser
+
+
+# optional modules -> the extra that installs them (pyproject.toml), for the base install's one-line error
+EXTRAS = {"torch": "train", "safetensors": "train", "onnx": "train", "onnxscript": "train",
+          "efficientnet_lite_pytorch": "train", "matplotlib": "train", "fastapi": "serve", "uvicorn": "serve",
+          "starlette": "serve", "multipart": "serve", "swagger_ui_bundle": "serve", "pycocoevalcap": "eval",
+          "av": "video", "ray": "ray"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -718,6 +760,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        if top not in EXTRAS:
+            raise
+        print(f"error: `captioner {args.command}` needs {top}, which this install lacks: "
+              f"pip install 'captioner[{EXTRAS[top]}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,14 +1,20 @@
-"""A searchable photo library: caption every image under a folder into SQLite, then search it by words.
+"""A searchable photo and video library: caption every image, and every scene of every video, under a folder
+into SQLite, then search it by words.
 
 One SQLite file holds everything:
 - `images`: one row per file (path, size, mtime, sha256, caption, n-best JSON, tags JSON, model, date,
-  or the error that stopped it being captioned),
-- `images_fts`: an FTS5 index over caption, the other n-best captions and tags (rowid = images.id),
-  tokenised with Porter stemming so "dogs running" finds "a dog runs",
-- `tags`: (image_id, tag) pairs so tag counts are one GROUP BY.
+  or the error that stopped it being captioned); a video's row has no caption of its own,
+- `scenes`: one row per scene of a video (images.id of the video, start and end seconds, description,
+  the model's own sentence, confidence, tags JSON), as `captioner.apps.video.describe_video` finds them,
+- `images_fts`: an FTS5 index over caption, the other n-best captions and tags, tokenised with Porter
+  stemming so "dogs running" finds "a dog runs". A photo's rowid is its images.id, a scene's is -scenes.id:
+  one table, so one bm25 ranks photos and scenes together (two tables would weigh words by different counts),
+- `tags`: (image_id, tag) pairs so tag counts are one GROUP BY; a video counts once per tag.
 
-Indexing is incremental (size/mtime first, then the content hash) and commits per batch, so a second run
-only captions new or changed files and an interrupted run keeps everything already written.
+Indexing is incremental (size/mtime first, then the content hash) and commits per batch of photos and per
+video, so a second run only captions new or changed files and an interrupted run keeps everything written.
+Libraries made before videos were indexed (schema version 1) get the `scenes` table when next indexed, and
+are searched as they are until then.
 """
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from captioner.apps.video import VIDEO_SUFFIXES, VideoError, describe_video
+
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 # Image files found in folders that cannot be read, reported as skipped rather than passed over in silence.
 UNSUPPORTED_EXTS = {
@@ -31,7 +39,7 @@ UNSUPPORTED_EXTS = {
     **dict.fromkeys((".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf"),
                     "camera raw files are not supported; export them to JPEG"),
 }
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: + the scenes table (videos); version 1 is migrated by adding it (_connect)
 BUSY_TIMEOUT_S = 60.0  # how long a writer waits for another one's lock (a batch of captions) before failing
 # bm25 column weights: the best caption counts most, tags (its content words, lemmatised) next,
 # the lower-ranked n-best captions least. Chosen with benchmarks/retrieval.py on Flickr8k dev.
@@ -51,6 +59,17 @@ image may contain probably sure photo shows
 _IRREGULAR = {"men": "man", "women": "woman", "children": "child", "people": "person", "feet": "foot",
               "teeth": "tooth", "mice": "mouse", "geese": "goose", "knives": "knife", "leaves": "leaf",
               "wolves": "wolf", "shelves": "shelf"}
+
+_SCENES_COLUMNS = """(
+    id INTEGER PRIMARY KEY,         -- its images_fts rowid is -id (photos hold the positive rowids)
+    image_id INTEGER NOT NULL,      -- images.id of the video
+    start_s REAL NOT NULL,          -- seconds from the video's first frame
+    end_s REAL NOT NULL,
+    caption TEXT NOT NULL,          -- the scene's description (hedged when the model is unsure)
+    model_caption TEXT,             -- the model's own sentence
+    confidence REAL,
+    tags TEXT                       -- JSON list: confident concepts, then content words
+)"""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -72,6 +91,8 @@ CREATE TABLE IF NOT EXISTS tags (image_id INTEGER NOT NULL, tag TEXT NOT NULL); 
 CREATE INDEX IF NOT EXISTS tags_by_image ON tags(image_id);
 CREATE INDEX IF NOT EXISTS tags_by_tag ON tags(tag);
 CREATE TABLE IF NOT EXISTS roots (folder TEXT PRIMARY KEY, indexed_at TEXT);  -- folders given to index
+CREATE TABLE IF NOT EXISTS scenes """ + _SCENES_COLUMNS + """;
+CREATE INDEX IF NOT EXISTS scenes_by_image ON scenes(image_id);
 """
 
 
@@ -115,14 +136,15 @@ def _connect(db_path: Path) -> sqlite3.Connection:
     """Open (creating if needed) a library for writing. Two indexers may start on the same new file at
     once: the busy timeout makes the second wait for the first's lock instead of failing with "database is
     locked", and the schema is checked and created inside one write transaction, so neither ever sees the
-    other's half-made schema."""
+    other's half-made schema. A version-1 library is migrated here: the schema's CREATE ... IF NOT EXISTS
+    statements add what version 2 added (the scenes table), and its rows stay as they are."""
     db_path.parent.mkdir(parents=True, exist_ok=True)
     con = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT_S)
     try:
         con.execute("BEGIN IMMEDIATE")
         version = con.execute("PRAGMA user_version").fetchone()[0]
         names = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
-        if names and (version != SCHEMA_VERSION or "images" not in names):
+        if names and (version not in (1, SCHEMA_VERSION) or "images" not in names):
             raise ValueError(f"{db_path}: not a captioner library (schema version {version}, "
                              f"tables {sorted(names)[:3]})")
         for statement in _SCHEMA.split(";"):  # not executescript: it would commit before each script
@@ -157,12 +179,21 @@ def _open_readonly(db_path: str | Path) -> sqlite3.Connection:
     if not {"images", "images_fts", "tags"} <= names:
         con.close()
         raise ValueError(f"{db_path}: not a captioner library (no images/images_fts/tags tables)")
+    if "scenes" not in names:  # made before videos were indexed (version 1): read as a library of no scenes
+        con.execute(f"CREATE TEMP TABLE scenes {_SCENES_COLUMNS}")
     return con
 
 
-def _delete(con: sqlite3.Connection, row_id: int) -> None:
+def _clear(con: sqlite3.Connection, row_id: int) -> None:
+    """Unindex a file, keeping its row: its text, its tags, and a video's scenes with their text."""
     con.execute("DELETE FROM images_fts WHERE rowid = ?", (row_id,))
+    con.execute("DELETE FROM images_fts WHERE rowid IN (SELECT -id FROM scenes WHERE image_id = ?)", (row_id,))
+    con.execute("DELETE FROM scenes WHERE image_id = ?", (row_id,))
     con.execute("DELETE FROM tags WHERE image_id = ?", (row_id,))
+
+
+def _delete(con: sqlite3.Connection, row_id: int) -> None:
+    _clear(con, row_id)
     con.execute("DELETE FROM images WHERE id = ?", (row_id,))
 
 
@@ -171,16 +202,27 @@ def _ranked(result) -> list[dict]:
     return [{"caption": a["caption"], "score": float(a["score"])} for a in ranked]
 
 
+def _tag_words(concepts: list[str], captions: list[str]) -> list[str]:
+    """Tags as the library and photo metadata keep them: the confident concepts first (cat, cup:
+    grounding.py), then the content words of the descriptions."""
+    return list(dict.fromkeys(concepts + caption_tags(captions)))
+
+
 def result_tags(result) -> list[str]:
-    """A CaptionResult's tags, as the library and photo metadata keep them: the photo's confident concepts
-    first (cat, cup: grounding.py), then the content words of its description and n-best captions."""
-    concepts = [c["word"] for c in result.concepts if c["p"] >= 0.5]
-    return list(dict.fromkeys(concepts + caption_tags([result.text] + [a["caption"] for a in _ranked(result)])))
+    """A CaptionResult's tags: its concepts at least 0.5 probable, then the words of its description and n-best."""
+    return _tag_words([c["word"] for c in result.concepts if c["p"] >= 0.5],
+                      [result.text] + [a["caption"] for a in _ranked(result)])
+
+
+def _index_text(con, rowid: int, caption: str, others: str, tag_list: list[str]) -> None:
+    con.execute("INSERT INTO images_fts (rowid, caption, alternatives, tags) VALUES (?, ?, ?, ?)",
+                (rowid, caption, others, " ".join(tag_list)))
 
 
 def _store(con, path: str, size: int, mtime_ns: int, sha: str | None, *, result=None, error: str | None = None,
-           model: str | None = None) -> None:
-    """Insert or replace one file's row, keeping images, images_fts and tags in step."""
+           model: str | None = None) -> int:
+    """Insert or replace one file's row, keeping images, images_fts and tags in step; returns the row's id.
+    Without a result the row is not searchable (an unreadable file, or a video: its scenes are)."""
     caption = alternatives = tag_list = None
     if result is not None:
         caption = result.text  # what people are told: hedged when the model is unsure
@@ -197,13 +239,28 @@ def _store(con, path: str, size: int, mtime_ns: int, sha: str | None, *, result=
            RETURNING id""",
         (path, size, mtime_ns, sha, caption, json.dumps(alternatives) if alternatives else None,
          json.dumps(tag_list) if tag_list is not None else None, model, now, error)).fetchone()[0]
-    con.execute("DELETE FROM images_fts WHERE rowid = ?", (row_id,))
-    con.execute("DELETE FROM tags WHERE image_id = ?", (row_id,))
+    _clear(con, row_id)
     if caption is not None:
-        others = " | ".join(a["caption"] for a in alternatives[1:])
-        con.execute("INSERT INTO images_fts (rowid, caption, alternatives, tags) VALUES (?, ?, ?, ?)",
-                    (row_id, caption, others, " ".join(tag_list)))
+        _index_text(con, row_id, caption, " | ".join(a["caption"] for a in alternatives[1:]), tag_list)
         con.executemany("INSERT INTO tags (image_id, tag) VALUES (?, ?)", [(row_id, t) for t in tag_list])
+    return row_id
+
+
+def _store_video(con, path: str, size: int, mtime_ns: int, sha: str, cues: list, *, error: str | None = None,
+                 model: str | None = None) -> None:
+    """Insert or replace a video's row and one searchable scenes row per cue (`video.Cue`); `error`: the damage
+    the scenes stop at. The video's tags are its scenes' tags, each once."""
+    row_id = _store(con, path, size, mtime_ns, sha, error=error, model=model)
+    video_tags: dict[str, None] = {}
+    for cue in cues:
+        tag_list = _tag_words(cue.tags, [cue.text, cue.caption])
+        scene_id = con.execute(
+            """INSERT INTO scenes (image_id, start_s, end_s, caption, model_caption, confidence, tags)
+               VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id""",
+            (row_id, cue.start, cue.end, cue.text, cue.caption, cue.confidence, json.dumps(tag_list))).fetchone()[0]
+        _index_text(con, -scene_id, cue.text, cue.caption if cue.caption != cue.text else "", tag_list)
+        video_tags.update(dict.fromkeys(tag_list))
+    con.executemany("INSERT INTO tags (image_id, tag) VALUES (?, ?)", [(row_id, t) for t in video_tags])
 
 
 # -----------------------------------------------------------------------------
@@ -217,10 +274,11 @@ def error_line(path, err: Exception) -> str:
     return f"{path}: {msg}"
 
 
-def find_images(folder: Path, skipped: list[str] | None = None) -> list[Path]:
-    """Image files under folder, recursively, sorted; hidden files and folders (".thumbnails", temp files) skipped.
-    Images in formats that cannot be read (SVG, JPEG XL, camera raw) are added to `skipped` as "PATH: reason"."""
-    found = []
+def find_media(folder: Path, skipped: list[str] | None = None) -> tuple[list[Path], list[Path]]:
+    """(image files, video files) under folder, recursively, each sorted; hidden files and folders
+    (".thumbnails", temp files) skipped. Images in formats that cannot be read (SVG, JPEG XL, camera raw) are
+    added to `skipped` as "PATH: reason". Videos are what `captioner caption` describes (video.VIDEO_SUFFIXES)."""
+    images, videos = [], []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for f in sorted(files):
@@ -228,10 +286,17 @@ def find_images(folder: Path, skipped: list[str] | None = None) -> list[Path]:
             if f.startswith("."):
                 continue
             if ext in IMAGE_EXTS:
-                found.append(Path(root) / f)
+                images.append(Path(root) / f)
+            elif ext in VIDEO_SUFFIXES:
+                videos.append(Path(root) / f)
             elif ext in UNSUPPORTED_EXTS and skipped is not None:
                 skipped.append(f"{Path(root) / f}: {UNSUPPORTED_EXTS[ext]}")
-    return sorted(found)
+    return sorted(images), sorted(videos)
+
+
+def find_images(folder: Path, skipped: list[str] | None = None) -> list[Path]:
+    """The image files of `find_media`."""
+    return find_media(folder, skipped)[0]
 
 
 def library_roots(db_path) -> list[Path]:
@@ -248,29 +313,34 @@ def library_roots(db_path) -> list[Path]:
 
 def index_folder(folder, db_path, captioner=None, *, beam_size: int = 3, n_best: int = 3, batch_size: int = 16,
                  progress: bool = True, recaption: bool = False) -> dict:
-    """Caption every image under `folder` into the SQLite library at `db_path`; returns a summary dict.
+    """Caption every image, and every scene of every video, under `folder` into the SQLite library at
+    `db_path`; returns a summary dict.
 
     Only new or changed files are captioned (a changed size/mtime with an unchanged sha256 just updates the
-    row), rows of files that disappeared from the folder are removed, and each batch is committed on its own.
-    Unreadable images are stored with their error and listed in summary["errors"]; they are retried only
-    once the file changes. `captioner` is a `captioner.Captioner`; None loads the shipped model, and only
-    when something needs captioning. `recaption` captions every file again (after a model upgrade, say).
+    row), rows of files that disappeared from the folder are removed, and each batch of images and each video
+    is committed on its own. A video is described as `captioner caption clip.mp4` describes it
+    (`video.describe_video`), one library entry per scene. Unreadable images and videos are stored with their
+    error and listed in summary["errors"] (a damaged video keeps the scenes before the damage); they are
+    retried only once the file changes. `captioner` is a `captioner.Captioner`; None loads the shipped model,
+    and only when something needs captioning. `recaption` captions every file again (after a model upgrade).
+    Counts: "found" images and "videos"; "captioned" images, "described" videos and their "scenes".
     """
     folder = Path(folder).absolute()
     db_path = Path(db_path)
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder}: not a folder")
     skipped: list[str] = []
-    files = find_images(folder, skipped)
-    summary = {"folder": str(folder), "db": str(db_path), "found": len(files), "captioned": 0, "unchanged": 0,
-               "touched": 0, "failed": 0, "removed": 0, "model": None, "errors": [], "skipped": skipped}
+    files, videos = find_media(folder, skipped)
+    summary = {"folder": str(folder), "db": str(db_path), "found": len(files), "videos": len(videos),
+               "captioned": 0, "described": 0, "scenes": 0, "unchanged": 0, "touched": 0, "failed": 0,
+               "removed": 0, "model": None, "errors": [], "skipped": skipped}
 
     with closing(_connect(db_path)) as con:
         # what the web server confines /api/library/image to
         con.execute("INSERT OR REPLACE INTO roots (folder, indexed_at) VALUES (?, ?)",
                     (str(folder), datetime.now(timezone.utc).isoformat(timespec="seconds")))
         known = _known_rows(con, folder)
-        summary["removed"] = _forget_gone(con, known, files)
+        summary["removed"] = _forget_gone(con, known, files + videos)
         con.commit()
         indexer = _Indexer(con, known, summary, captioner, beam_size=beam_size, n_best=n_best, recaption=recaption)
         pending = indexer.changed(files)
@@ -280,17 +350,23 @@ def index_folder(folder, db_path, captioner=None, *, beam_size: int = 3, n_best:
             con.commit()  # per batch: an interrupted run loses at most this batch
             bar.update(min(batch_size, len(pending) - start))
         bar.close()
+        pending = indexer.changed(videos)
+        for p, size, mtime_ns in tqdm(pending, desc="videos", unit="video", disable=not progress or not pending):
+            indexer.index_video(p, size, mtime_ns, progress=progress)
+            con.commit()  # per video: an interrupted run loses at most the video being described
         summary["model"] = indexer.model_name
     return summary
 
 
 def _known_rows(con: sqlite3.Connection, folder: Path) -> dict[str, tuple]:
-    """path -> (row id, size, mtime_ns, sha256, has_caption) of the rows under `folder`."""
+    """path -> (row id, size, mtime_ns, sha256, indexed: has a caption or scenes) of the rows under `folder`."""
     known = {}
-    for row_id, path, size, mtime_ns, sha, caption in con.execute(
-            "SELECT id, path, size, mtime_ns, sha256, caption FROM images"):
+    for row_id, path, size, mtime_ns, sha, indexed in con.execute(
+            """SELECT id, path, size, mtime_ns, sha256,
+                      caption IS NOT NULL OR EXISTS (SELECT 1 FROM scenes WHERE image_id = images.id)
+               FROM images"""):
         if Path(path).is_relative_to(folder):
-            known[path] = (row_id, size, mtime_ns, sha, caption is not None)
+            known[path] = (row_id, size, mtime_ns, sha, bool(indexed))
     return known
 
 
@@ -338,22 +414,55 @@ class _Indexer:
                 self._fail(p, f"{p}: {e.strerror or e}", stored=(size, mtime_ns, None))
                 continue
             sha = hashlib.sha256(data).hexdigest()
-            row = self.known.get(str(p))
-            if row and row[3] == sha and row[4] and not self.recaption:  # touched, same content: keep the caption
-                self.con.execute("UPDATE images SET size = ?, mtime_ns = ? WHERE id = ?", (size, mtime_ns, row[0]))
-                self.summary["touched"] += 1
-            else:
+            if not self._touched(p, size, mtime_ns, sha):
                 to_caption.append((p, size, mtime_ns, sha, data))
         if to_caption:
             self._caption(to_caption)
 
-    def _caption(self, items: list[tuple]) -> None:
+    def index_video(self, p: Path, size: int, mtime_ns: int, *, progress: bool) -> None:
+        """Hash a video; describe the scenes of a new one and store them, or its damage as one error line."""
+        try:
+            with open(p, "rb") as f:
+                sha = hashlib.file_digest(f, "sha256").hexdigest()  # in chunks: videos can be large
+        except OSError as e:
+            self._fail(p, f"{p}: {e.strerror or e}", stored=(size, mtime_ns, None))
+            return
+        if self._touched(p, size, mtime_ns, sha):
+            return
+        error = None
+        try:
+            cues = describe_video(self._loaded(), p, progress=progress)
+        except VideoError as e:
+            cues, error = e.cues, error_line(p, e)
+            if cues:
+                error += f" ({len(cues)} scene{'s' if len(cues) != 1 else ''} before it indexed)"
+        _store_video(self.con, str(p), size, mtime_ns, sha, cues, error=error, model=self.model_name)
+        self.summary["scenes"] += len(cues)
+        if error:
+            self._fail(p, error)
+        else:
+            self.summary["described"] += 1
+
+    def _touched(self, p: Path, size: int, mtime_ns: int, sha: str) -> bool:
+        """Whether the file is only touched (same content as indexed): then only its size and mtime are updated."""
+        row = self.known.get(str(p))
+        if row and row[3] == sha and row[4] and not self.recaption:
+            self.con.execute("UPDATE images SET size = ?, mtime_ns = ? WHERE id = ?", (size, mtime_ns, row[0]))
+            self.summary["touched"] += 1
+            return True
+        return False
+
+    def _loaded(self):
+        """The captioner, loaded when first needed."""
         if self.captioner is None:
             from captioner.apps.api import Captioner
             self.captioner = Captioner.load(beam_size=self.beam_size)
         self.model_name = self.model_name or str(self.captioner.info.get("name", "unknown"))
+        return self.captioner
+
+    def _caption(self, items: list[tuple]) -> None:
         # bytes, not paths: what gets captioned is exactly what was hashed
-        results = self.captioner.caption_batch([item[4] for item in items], beam_size=self.beam_size,
+        results = self._loaded().caption_batch([item[4] for item in items], beam_size=self.beam_size,
                                                n_best=self.n_best)
         for (p, size, mtime_ns, sha, _), res in zip(items, results):
             if isinstance(res, Exception):
@@ -395,18 +504,24 @@ def _matching_caption(query: str, captions: list[str]) -> str:
     return max(captions, key=lambda c: len(want & {lemma(w) for w in words(c)}))
 
 
-_RANK_SQL = """SELECT i.path, -bm25(images_fts, ?, ?, ?) AS score, i.caption, i.nbest, i.tags
-               FROM images_fts JOIN images i ON i.id = images_fts.rowid
-               WHERE images_fts MATCH ?
-               ORDER BY score DESC, i.path LIMIT ?"""
+# A photo's text has rowid images.id; a scene's has -scenes.id and takes its path from the video's row.
+_RANK_SQL = """SELECT coalesce(i.path, v.path) AS file, -bm25(images_fts, ?, ?, ?) AS score,
+                      coalesce(i.caption, s.caption), i.nbest, coalesce(i.tags, s.tags),
+                      s.model_caption, s.start_s, s.end_s
+               FROM images_fts
+               LEFT JOIN images i ON i.id = images_fts.rowid
+               LEFT JOIN scenes s ON s.id = -images_fts.rowid
+               LEFT JOIN images v ON v.id = s.image_id
+               WHERE images_fts MATCH ? AND file IS NOT NULL
+               ORDER BY score DESC, file, s.start_s LIMIT ?"""
 
 
 def search(db_path, query: str, limit: int = 10, *, mode: str = "or", weights: tuple = WEIGHTS) -> list[dict]:
-    """Rank the library's images for a free-text query with FTS5 bm25.
+    """Rank the library's images and video scenes for a free-text query with FTS5 bm25.
 
-    Returns best first: {"path", "score" (higher is better), "caption" (the image's best caption),
-    "matched" (its n-best caption closest to the query), "tags"}. An empty or punctuation-only query
-    returns [].
+    Returns best first: {"path", "score" (higher is better), "caption" (the image's best caption, or the
+    scene's description), "matched" (its n-best caption closest to the query), "tags"}; a video scene also
+    has "start" and "end" (seconds). An empty or punctuation-only query returns [].
     """
     match = fts_query(query, mode)
     if not match or limit <= 0:
@@ -414,10 +529,14 @@ def search(db_path, query: str, limit: int = 10, *, mode: str = "or", weights: t
     with closing(_open_readonly(db_path)) as con:
         rows = con.execute(_RANK_SQL, (*weights, match, int(limit))).fetchall()
     results = []
-    for path, score, caption, alternatives_json, tag_json in rows:
-        captions = [a["caption"] for a in json.loads(alternatives_json)] if alternatives_json else [caption]
-        results.append({"path": path, "score": float(score), "caption": caption,
-                        "matched": _matching_caption(query, captions), "tags": json.loads(tag_json or "[]")})
+    for path, score, caption, alternatives_json, tag_json, model_caption, start, end in rows:
+        captions = ([a["caption"] for a in json.loads(alternatives_json)] if alternatives_json
+                    else [c for c in (caption, model_caption) if c])
+        hit = {"path": path, "score": float(score), "caption": caption,
+               "matched": _matching_caption(query, captions), "tags": json.loads(tag_json or "[]")}
+        if start is not None:
+            hit.update(start=start, end=end)
+        results.append(hit)
     return results
 
 

@@ -88,12 +88,9 @@ class CaptionActor:
 
     def __init__(self, model: str | None, beam: int, int8: bool, grounded: bool, backend: str, threads: int):
         from captioner.apps.api import Captioner
-        from captioner.checkpoint import load_checkpoint
-        from captioner.features.encoder import Encoder
-        ckpt = load_checkpoint(model)
         # the encoder gets only this worker's cores: several workers on one node must not oversubscribe it
-        self.captioner = Captioner(ckpt, Encoder.load(ckpt.config.encoder, backend=backend, threads=threads),
-                                   beam_size=beam, int8=int8, grounded=grounded, backend=backend)
+        self.captioner = Captioner.load(model, beam_size=beam, int8=int8, grounded=grounded, backend=backend,
+                                        threads=threads)
         self.model_id = self.captioner.info["name"]
 
     def __call__(self, batch: dict) -> dict:

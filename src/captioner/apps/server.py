@@ -4,8 +4,8 @@
     POST /api/caption/batch    multipart, several `files` -> a list: one caption or {"error"} per file
     GET  /api/health           liveness; answers while the model is busy
     GET  /api/model            Captioner.info, without host paths
-    GET  /api/search?q=        photo-library search (only with a --db library)
-    GET  /api/library/image    an image of that library (and nothing else)
+    GET  /api/search?q=        library search: photos, and video scenes with start/end (only with a --db library)
+    GET  /api/library/image    an image or video of that library (and nothing else; byte ranges for seeking)
     WS   /api/live             live mode: JPEG frames in (binary messages), caption JSON out, newest frame wins
     POST /api/video            a video (multipart `file` or raw) -> one description per scene, and WebVTT
     GET  /api/openapi.json     the schema; /docs shows it as interactive docs (Swagger UI served from here)
@@ -695,6 +695,8 @@ def _add_library_routes(app: FastAPI, s: _Service) -> None:
 
     @app.get("/api/search", responses=schema.refusals(400, 404))
     def search(q: str = Query(..., min_length=1, max_length=200), limit: int = Query(10, ge=1, le=50)):
+        """The library's photos and video scenes that best match the words of `q`, best first; a video
+        scene's result also has `start` and `end` (seconds), for `/api/library/image?path=...#t=start,end`."""
         if s.db is None:
             return _error(404, no_library)
         from captioner.apps.library import library_roots

@@ -260,6 +260,13 @@ def _timestamp(seconds: float, sep: str) -> str:
     return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
 
 
+def clock(seconds: float) -> str:
+    """A time as people read it: 0:12, 1:02:03, and tenths only when there are some (0:02.5)."""
+    whole, tenths = divmod(round(max(0.0, seconds) * 10), 10)
+    h, m, s = whole // 3600, whole // 60 % 60, whole % 60
+    return (f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}") + (f".{tenths}" if tenths else "")
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split()).replace("-->", "->")  # a blank line or "-->" would end or break the cue
 

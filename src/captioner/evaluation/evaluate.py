@@ -227,7 +227,7 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "dev", *, 
         counts = scored.info.pop("counts")
         scored.info.update(model=ckpt.meta.get("name") or Path(ckpt.path).stem, encoder=ckpt.config.encoder,
                            beam_size=beam_size, max_len=max_len, decoder_weights="int8" if int8 else "float32",
-                           grounded=captioner.grounding is not None, **counts)
+                           grounded=captioner.describer is not None, **counts)
     return _score_and_write(Path(out), scored, references, paths, split, meteor)
 
 

@@ -262,9 +262,14 @@ class Encoder:
                 if proc.returncode != 0:
                     tail = " ".join(proc.stderr.strip().splitlines()[-1:])
                     raise RuntimeError(f"exporting {spec.name} to {path} failed: {tail}")
-            session = _ort_session(str(path), threads)
-            return cls(spec, "onnx", lambda x: session.run(None, {"pixels": x})[0])
+            return cls.from_onnx(name, path, threads)
         raise ValueError(f"unknown backend {backend!r}; expected auto, torch or onnx")
+
+    @classmethod
+    def from_onnx(cls, name: str, path: str | Path, threads: int | None = None) -> "Encoder":
+        """The encoder graph at `path` (a model folder's encoder.onnx, or the cached export): no torch needed."""
+        session = _ort_session(str(path), threads)
+        return cls(get_spec(name), "onnx", lambda x: session.run(None, {"pixels": x})[0])
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
         s = self.spec.input_size

@@ -474,7 +474,38 @@ function stopLive() {
   announce("Live description stopped");
 }
 
-// ---- photo library search (only when the server has a --db) ------------------------------------
+// ---- library search (only when the server has a --db) ------------------------------------------
+
+// One result: a link to the photo, or to the video at the scene's time (a media fragment: the browser plays
+// from start to end), named by its caption. The preview is hidden from screen readers (empty alt, aria-hidden)
+// so the caption is heard once, not again as the image's or the video's name; a scene's link adds its time.
+function searchResult(hit) {
+  const li = document.createElement("li");
+  const link = document.createElement("a");
+  const file = `/api/library/image?${new URLSearchParams({ path: hit.path })}`;
+  const scene = hit.start != null;
+  link.href = scene ? `${file}#t=${hit.start},${hit.end}` : file;
+  const preview = document.createElement(scene ? "video" : "img");
+  preview.src = link.href;  // a scene's preview shows its first frame
+  if (scene) {
+    Object.assign(preview, { preload: "metadata", muted: true });
+    preview.setAttribute("aria-hidden", "true");
+  } else {
+    Object.assign(preview, { alt: "", loading: "lazy" });
+  }
+  const cap = document.createElement("span");
+  cap.textContent = hit.caption;
+  link.append(preview, cap);
+  if (scene) {
+    const when = document.createElement("span");
+    when.textContent = ` (video, ${clock(hit.start)} to ${clock(hit.end)})`;
+    link.append(when);
+  }
+  li.append(link);
+  return li;
+}
+
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
 
 async function search(event) {
   event.preventDefault();
@@ -485,23 +516,11 @@ async function search(event) {
     const response = await fetch(`/api/search?${new URLSearchParams({ q, limit: 24 })}`);
     const body = await response.json();
     if (!response.ok) throw new Error(body.detail);
-    // Each result is one link (to the full photo) named by its caption: the thumbnail has an empty alt so the
-    // caption is heard once, not again as the image's and a figure's name.
-    $("search-results").replaceChildren(...body.results.map((hit) => {
-      const li = document.createElement("li");
-      const link = document.createElement("a");
-      link.href = `/api/library/image?${new URLSearchParams({ path: hit.path })}`;
-      const img = document.createElement("img");
-      img.src = link.href;
-      img.alt = "";
-      img.loading = "lazy";
-      const cap = document.createElement("span");
-      cap.textContent = hit.caption;
-      link.append(img, cap);
-      li.append(link);
-      return li;
-    }));
-    $("search-status").textContent = `${body.results.length} photo${body.results.length === 1 ? "" : "s"} found`;
+    $("search-results").replaceChildren(...body.results.map(searchResult));
+    const scenes = body.results.filter((hit) => hit.start != null).length;
+    const photos = body.results.length - scenes;
+    const parts = [photos || !scenes ? plural(photos, "photo") : "", scenes ? plural(scenes, "video scene") : ""];
+    $("search-status").textContent = `${parts.filter(Boolean).join(" and ")} found`;
   } catch (e) {
     $("search-status").textContent = "";
     showError(`Search failed: ${e.message}`);

@@ -1,0 +1,116 @@
+"""Beam search in numpy, for the torch-free runtime (runtime.py): the same search as decode.decode, over any
+decoder step that takes and returns numpy arrays (the ONNX graphs of a model folder).
+
+decode.py keeps the torch search because training needs it (greedy dev scoring, sampling with gradients) and
+the int8 torch decoder is the faster one where torch is installed; tests/test_pretrained.py checks that both
+searches give the same captions. Rules shared with decode.py: the words that may not come next (<pad>,
+<start>, <unk>, <end> first or after a BAD_ENDINGS word), repeated-trigram blocking, and a per-image bias.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+# A caption must not stop on these words ("a baby is playing in a pile of"); CIDEr-D barely punishes such
+# endings, so self-critical training would otherwise learn them.
+BAD_ENDINGS = frozenset("a an the and in for at of with before after on upon near to is are am".split())
+
+
+@dataclass
+class Caption:
+    tokens: list[str]
+    score: float  # sum of log-probabilities (length-normalised when asked)
+    attention: np.ndarray | None = None  # (len(tokens), R): where the model looked for each word
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.tokens)
+
+
+# step(tokens (N,), state) -> (logits (N, V), attention (N, R), next state); select(state, rows) keeps rows
+Step = Callable[[np.ndarray, tuple], tuple[np.ndarray, np.ndarray, tuple]]
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+def _blocked(vocab, last: np.ndarray, seqs: np.ndarray, may_end: bool, bad_ends: np.ndarray, V: int) -> np.ndarray:
+    """(rows, V) True where a word may not come next (the rules of decode.banned_words and trigram blocking)."""
+    ban = np.zeros((len(last), V), dtype=bool)
+    ban[:, [vocab.pad_id, vocab.start_id, vocab.unk_id]] = True
+    if not may_end:
+        ban[:, vocab.end_id] = True
+    else:
+        ban[np.isin(last, bad_ends), vocab.end_id] = True
+    if seqs.shape[1] >= 3:  # a word that would repeat a trigram already in the hypothesis
+        for row, seq in enumerate(seqs.tolist()):
+            for i in range(len(seq) - 2):
+                if (seq[i], seq[i + 1]) == (seq[-2], seq[-1]):
+                    ban[row, seq[i + 2]] = True
+    return ban
+
+
+def beam_search(step: Step, select: Callable, state: tuple, vocab, n_images: int, *, beam_size: int = 3,
+                max_len: int = 30, n_best: int = 1, bias: np.ndarray | None = None,
+                return_attention: bool = False) -> list[list[Caption]]:
+    """Per image, the n best captions best first. `state` holds one row per image; it is repeated for the
+    beams here. An image is done once it has `beam_size` ended hypotheses; out of length, its live ones
+    compete as they are. Scores are raw log-probabilities (decode.decode's default, length_norm 0)."""
+    K = beam_size
+    state = select(state, np.repeat(np.arange(n_images), K))
+    tokens = np.full(n_images * K, vocab.start_id, dtype=np.int64)
+    scores = np.full((n_images, K), -np.inf, dtype=np.float32)
+    scores[:, 0] = 0.0  # only the first beam is live at the start, so the K beams do not start identical
+    seqs = np.zeros((n_images * K, 0), dtype=np.int64)
+    attn = None
+    images = list(range(n_images))
+    finished: list[list[tuple[float, list[int], np.ndarray | None]]] = [[] for _ in range(n_images)]
+    bad_ends = np.array(sorted(vocab.stoi[w] for w in BAD_ENDINGS if w in vocab.stoi), dtype=np.int64)
+    for t in range(max_len):
+        logits, alpha, state = step(tokens, state)
+        V = logits.shape[1]
+        logp = _log_softmax(logits.astype(np.float32))
+        logp[_blocked(vocab, tokens, seqs, t >= 1, bad_ends, V)] = -np.inf
+        if bias is not None:
+            logp += np.repeat(bias[images], K, axis=0)
+        if return_attention:
+            attn = alpha[:, None] if attn is None else np.concatenate([attn, alpha[:, None]], 1)
+        # extend every beam by the K best of its image's K x V candidates (2K always leave K that do not end)
+        total = (scores.reshape(-1, 1) + logp).reshape(len(images), K * V)
+        cand = np.argpartition(-total, 2 * K - 1, axis=1)[:, :2 * K]  # the 2K best, unordered (a full sort: 2x slower)
+        cand = np.take_along_axis(cand, np.lexsort((cand, -np.take_along_axis(total, cand, 1))), 1)  # best first
+        cand_scores = np.take_along_axis(total, cand, 1)
+        beam, word = cand // V, cand % V
+        ended = word == vocab.end_id
+        for b, k in zip(*np.nonzero(ended[:, :K] & np.isfinite(cand_scores[:, :K]))):
+            row = b * K + beam[b, k]
+            finished[images[b]].append((float(cand_scores[b, k]), seqs[row].tolist(),
+                                        None if attn is None else attn[row]))
+        keep = np.argsort(ended * (2 * K) + np.arange(2 * K), axis=1)[:, :K]
+        scores = np.take_along_axis(cand_scores, keep, 1)
+        rows = (np.arange(len(images))[:, None] * K + np.take_along_axis(beam, keep, 1)).reshape(-1)
+        tokens = np.take_along_axis(word, keep, 1).reshape(-1)
+        seqs = np.concatenate([seqs[rows], tokens[:, None]], 1)
+        attn = None if attn is None else attn[rows]
+        state = select(state, rows)
+        if t == max_len - 1:  # out of length: the live beams of every unfinished image compete as they are
+            for b, img in enumerate(images):
+                if len(finished[img]) < K:
+                    finished[img] += [(float(scores[b, k]), seqs[b * K + k].tolist(),
+                                       None if attn is None else attn[b * K + k])
+                                      for k in range(K) if np.isfinite(scores[b, k])]
+            break
+        blocks = [b for b, img in enumerate(images) if len(finished[img]) < K]  # images still searching
+        if not blocks:
+            break
+        if len(blocks) < len(images):
+            rows = (np.array(blocks)[:, None] * K + np.arange(K)).reshape(-1)
+            images, scores = [images[b] for b in blocks], scores[blocks]
+            tokens, seqs, state = tokens[rows], seqs[rows], select(state, rows)
+            attn = None if attn is None else attn[rows]
+    return [[Caption(vocab.decode(seq), score, None if att is None else att[:len(seq)])
+             for score, seq, att in sorted(hyps, key=lambda h: -h[0])[:min(n_best, K)]] for hyps in finished]

@@ -1,0 +1,179 @@
+"""What to say about a photo, from what the grounding heads (grounding.py) saw: which object words decoding may
+use, the confidence of a sentence, and the text a person hears or reads.
+
+These are decisions on small numpy arrays, kept free of torch so that the torch-free install (runtime.py:
+onnxruntime, numpy and Pillow only) says exactly what the torch path says. The heads give, per photo:
+- concepts (W,): probabilities of plain words from EfficientNet-Lite2's ImageNet classifier (cat, coffee, ...);
+- evidence (len(CLASSES),): P(the photo shows COCO class c), the larger of the caption-trained head and the
+  concepts of that class;
+- familiarity (): cosine similarity of the photo's pooled grid to the nearest Flickr8k training centroid.
+
+Decoding adds `weight * log(evidence)` to the log-probability of every word of class c (data/objects.py: man, boy,
+woman -> person) and forbids the classes with too little evidence, so the decoder stops naming objects nothing
+supports (a "dog" in a kitchen). How little is too little depends on how familiar the photo is: the evidence head
+learnt from Flickr8k, and on photos unlike any of its training photos (a plate of food, a kitchen) its "person" and
+"dog" are guesses, so there an object needs more evidence (`ban_unfamiliar`). A photo is familiar when it is close
+to the Flickr8k training photos and ImageNet does not recognise an object as its subject (a close-up of a cat or a
+cup of coffee is not a Flickr8k scene, however its colours and layout look). A caption's confidence is the
+evidence of the least supported object it names; below `hedge_below` it is said with less certainty.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from captioner.data.objects import COCO_OBJECTS, WORD_TO_OBJECT, object_classes
+
+CONCEPTS_FILE = Path(__file__).resolve().parent / "data" / "imagenet_concepts.json"
+CLASSES = list(COCO_OBJECTS)  # evidence head outputs, in this order
+# the plain word for a class where its COCO name is not what people say
+CLASS_WORD = {"dining table": "table", "sports ball": "ball", "cell phone": "phone", "potted plant": "plant",
+              "hair drier": "hair dryer", "tv": "television", "baseball glove": "glove", "wine glass": "glass"}
+
+
+@dataclass
+class GroundingSettings:
+    """How strongly decoding follows the evidence; saved with the heads in the checkpoint."""
+    # chosen on the Flickr8k dev split and ../shared/coco-ood-dev (benchmarks/truthfulness.py)
+    weight: float = 0.5         # log-evidence added to an object word's log-probability
+    ban_below: float = 0.25     # on a familiar photo, an object with less evidence cannot be named at all
+    ban_unfamiliar: float = 0.6  # the same on an unfamiliar photo (familiarity under familiar_above)
+    # classes that need more evidence than ban_below even on familiar photos: a third of Flickr8k's photos show a
+    # dog, so its head sees one in anything dog-coloured (examples/rocket.jpg: 0.43), while real dogs score > 0.75
+    ban_class: dict = field(default_factory=lambda: {"dog": 0.5})
+    familiar_above: float = 0.38  # cosine similarity to the nearest Flickr8k training centroid
+    object_photo_above: float = 0.6  # a concept this probable (other than Flickr8k's own dogs) makes a photo unfamiliar
+    boost: float = 1.0          # added to a concept word's log-probability, times its probability
+    add_concepts: float = 0.5   # the most evident object the caption misses, at least this probable, is added to it
+    hedge_below: float = 0.4    # a caption whose confidence is lower is said as "Probably ..."
+    say_less_below: float = 0.1  # tags under this probability are not reported
+    # multiplies the odds of "person": a label-shift correction (Saerens et al. 2002) from Flickr8k, where 77% of the
+    # train photos have a person in their captions, to everyday photos, about half (coco-ood-dev: 49%); set by
+    # fit_grounding from the train labels
+    person_odds: float = 1.0
+    maybe_above: float = 0.3    # a sentence that names nothing: instead, the concepts over this are listed
+    unsure_text: str = "Not sure what this photo shows"  # ... and with no such concept, this is said
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GroundingSettings":
+        """Settings saved in a checkpoint; keys of earlier versions that no longer apply are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def concept_table(path: Path = CONCEPTS_FILE) -> tuple[list[str], np.ndarray]:
+    """(words, M) with M (1000, W) 0/1: which ImageNet classes say each word."""
+    classes = json.loads(path.read_text())["classes"]
+    words = sorted({w for c in classes for w in c["words"]})
+    index = {w: i for i, w in enumerate(words)}
+    m = np.zeros((len(classes), len(words)), np.float32)
+    for k, c in enumerate(classes):
+        for w in c["words"]:
+            m[k, index[w]] = 1.0
+    return words, m
+
+
+def concept_classes(words: list[str]) -> np.ndarray:
+    """Concept word -> evidence class index (cat -> cat, puppy -> dog, taxi -> car), -1 when none."""
+    return np.array([CLASSES.index(WORD_TO_OBJECT[w]) if w in WORD_TO_OBJECT else -1 for w in words])
+
+
+class Describer:
+    """The decisions, for one model: its concept words and the classes its evidence head learnt."""
+
+    def __init__(self, settings: GroundingSettings, learnt, words: list[str] | None = None):
+        self.settings = settings
+        self.words = words if words is not None else concept_table()[0]
+        self.learnt = np.asarray(learnt, dtype=bool)  # (len(CLASSES),)
+        self.class_of_word = concept_classes(self.words)
+        self._maps: dict = {}  # vocabulary -> index arrays (_vocab_maps)
+
+    def familiar(self, concepts: np.ndarray, familiarity: np.ndarray) -> np.ndarray:
+        """(B,) True where the photo looks like Flickr8k's: close to its training photos and no object close-up."""
+        s = self.settings
+        subjects = self.class_of_word != CLASSES.index("dog")  # ImageNet's dog breeds are Flickr8k's own subject
+        return (familiarity >= s.familiar_above) & ~((concepts * subjects) >= s.object_photo_above).any(1)
+
+    def _vocab_maps(self, itos: list[str]):
+        """(object word ids, their class indices, concept word ids, their concept indices) for a vocabulary;
+        computed once per vocabulary, as decoding asks for every batch."""
+        key = id(itos)
+        if key not in self._maps or self._maps[key][0] is not itos:
+            pairs = [(i, CLASSES.index(WORD_TO_OBJECT[w])) for i, w in enumerate(itos)
+                     if w in WORD_TO_OBJECT and w != "orange"]  # the colour stays sayable
+            ids = {w: i for i, w in enumerate(itos)}
+            concept = [(ids[w], k) for k, w in enumerate(self.words) if w in ids]
+            as_arrays = lambda p: tuple(np.array(c, dtype=np.int64) for c in zip(*p)) if p else (
+                np.zeros(0, dtype=np.int64),) * 2
+            self._maps[key] = (itos, *as_arrays(pairs), *as_arrays(concept))
+        return self._maps[key][1:]
+
+    def word_bias(self, concepts, evidence, familiar, itos: list[str]) -> np.ndarray:
+        """(B, V) float32 additive log-probability bias for decoding; objects with less evidence than
+        `ban_below` (`ban_unfamiliar` where `familiar` (B,) is False) cannot be named."""
+        s = self.settings
+        cols, cls, concept_cols, concept_idx = self._vocab_maps(itos)
+        bias = np.zeros((len(evidence), len(itos)), np.float32)
+        e = np.asarray(evidence, np.float32)[:, cls]
+        floor = np.array([s.ban_class.get(CLASSES[c], 0.0) for c in cls], np.float32)
+        ban = e < np.maximum(np.where(familiar, s.ban_below, s.ban_unfamiliar)[:, None], floor)
+        with np.errstate(divide="ignore"):
+            bias[:, cols] = np.where(ban, -np.inf, s.weight * np.log(np.maximum(e, 1e-6)))
+        bias[:, concept_cols] += s.boost * np.asarray(concepts, np.float32)[:, concept_idx]
+        return bias
+
+    def confidence(self, caption: str, evidence) -> float:
+        """The evidence of the least supported object the caption names; when it names none, that of the most
+        evident class the head learnt (a sentence about nothing recognisable is no more certain than that)."""
+        named = [float(evidence[CLASSES.index(c)]) for c in object_classes(caption)]
+        if named:
+            return min(named)
+        return float(np.asarray(evidence)[self.learnt].max()) if self.learnt.any() else 0.0
+
+    def tags(self, concepts, evidence, at_least: float) -> list[tuple[str, float]]:
+        """What the photo evidently shows, most probable first: ImageNet concept words and the evidence head's
+        classes (person, ...) at `at_least` or more."""
+        tags = {w: float(p) for w, p in zip(self.words, np.asarray(concepts).tolist()) if p >= at_least}
+        for i, c in enumerate(CLASSES):
+            if self.learnt[i] and evidence[i] >= at_least and c not in tags:
+                tags[c] = float(evidence[i])
+        return sorted(tags.items(), key=lambda t: -t[1])
+
+    def describe(self, caption: str, concepts, evidence) -> dict:
+        """One image: the text to say, its confidence and the tags. `caption` is the grounded decoder's sentence.
+
+        - It names an object: said as it is, with the most evident object it misses added ("... with a cup"),
+          and "Probably ..." before it when its confidence is under `hedge_below`.
+        - It names nothing: every subject it wanted was forbidden, so it comes out broken ("a black and white is
+          sitting"); only the ImageNet concepts are said, which are precise where the Flickr8k-trained evidence
+          is not: "Image may contain: pizza, plate", else `unsure_text`."""
+        s = self.settings
+        concepts, evidence = np.asarray(concepts), np.asarray(evidence)
+        tags = self.tags(concepts, evidence, s.say_less_below)
+        named = object_classes(caption)
+        if not named:
+            sure = sorted(((w, p) for w, p in zip(self.words, concepts.tolist()) if p >= s.maybe_above),
+                          key=lambda t: -t[1])[:3]
+            text = "Image may contain: " + ", ".join(w for w, _ in sure) if sure else s.unsure_text
+            confidence = sure[0][1] if sure else 0.0
+        else:
+            missing = sorted((float(p), c) for c, p in zip(CLASSES, evidence.tolist())
+                             if p >= s.add_concepts and c not in named and c != "person")
+            text = caption + (f" with {_article(CLASS_WORD.get(missing[-1][1], missing[-1][1]))}" if missing else "")
+            confidence = self.confidence(text, evidence)
+            if confidence < s.hedge_below:
+                text = "Probably " + text
+        return {"text": text, "confidence": round(confidence, 4),
+                "concepts": [{"word": w, "p": round(p, 4)} for w, p in tags]}
+
+
+def _article(word: str) -> str:
+    if word.endswith("s") and not word.endswith("ss"):
+        return word
+    return ("an " if word[0] in "aeiou" else "a ") + word

@@ -1,0 +1,126 @@
+"""The two decoders behind Captioner (apps/api.py): the same model, run by torch or by onnxruntime.
+
+Both take encoder grids (B, R, C) as numpy and give the grounding heads' outputs (numpy) and the n-best
+captions. Captioner chooses: torch where it is installed (its int8 decoder is the faster one at batch 1), the
+ONNX graphs of a model folder (pretrained.py) where it is not, so `pip install captioner` captions with
+onnxruntime, numpy and Pillow alone.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from captioner.beam import Caption, beam_search
+from captioner.describe import Describer, GroundingSettings
+
+
+@contextmanager
+def _torch_threads(n: int):
+    """Run the block on n intra-op threads, then restore. The decoder's matmuls are tiny: on a busy 2-core
+    machine, 2 OpenMP threads waiting on each other made beam search 10-20x slower than 1 (benchmarks/latency.py)."""
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class TorchRuntime:
+    """A checkpoint (checkpoint.py) decoded by decode.decode, with int8 weights when the checkpoint has the
+    activation ranges measured when it shipped (older ones decode in float)."""
+    name = "torch"
+    encoder_path: Path | None = None  # a model folder's encoder graph (open_runtime sets it)
+
+    def __init__(self, checkpoint, *, int8: bool = True, grounded: bool = True):
+        from captioner.model import quantize_int8
+        self.checkpoint = checkpoint
+        self.vocab, self.config, self.meta, self.path = checkpoint.vocab, checkpoint.config, checkpoint.meta, checkpoint.path
+        ranges = checkpoint.meta.get("int8_ranges")
+        self.int8 = bool(int8 and ranges)
+        self.model = quantize_int8(checkpoint.model, ranges) if self.int8 else checkpoint.model
+        self.grounding = checkpoint.grounding if grounded else None
+        self.describer = self.grounding.describer() if self.grounding is not None else None
+
+    def heads(self, feats: np.ndarray):
+        import torch
+        with _torch_threads(1), torch.inference_mode():
+            return tuple(t.numpy() for t in self.grounding(torch.from_numpy(feats)))
+
+    def decode(self, feats: np.ndarray, bias: np.ndarray | None, **search) -> list[list[Caption]]:
+        import torch
+
+        from captioner.decode import decode
+        with _torch_threads(1), torch.inference_mode():
+            return decode(self.model, self.vocab, torch.from_numpy(feats),
+                          bias=None if bias is None else torch.from_numpy(bias), **search)
+
+
+class OnnxRuntime:
+    """A model folder's ONNX graphs run by onnxruntime, searched by beam.beam_search: no torch."""
+    name = "onnx"
+    int8 = False
+
+    def __init__(self, folder, *, grounded: bool = True):
+        from captioner.features.encoder import _ort_session
+        from captioner.pretrained import read_model_folder
+        info = read_model_folder(folder)
+        self.info, self.vocab, self.config, self.meta = info, info["vocab"], info["config"], info["meta"]
+        self.path = Path(folder)
+        paths = info["paths"]
+        # one thread each: the decoder's products are tiny (see _torch_threads)
+        self._init = _ort_session(str(paths["decoder_init"]), 1)
+        self._step = _ort_session(str(paths["decoder_step"]), 1)
+        g = info.get("grounding") if grounded else None
+        self._heads = _ort_session(str(paths["grounding"]), 1) if g else None
+        self.describer = Describer(GroundingSettings.from_dict(g["settings"]), g["learnt"]) if g else None
+
+    @property
+    def encoder_path(self) -> Path:
+        return self.info["paths"]["encoder"]
+
+    def heads(self, feats: np.ndarray):
+        return tuple(self._heads.run(None, {"features": feats}))
+
+    def decode(self, feats: np.ndarray, bias: np.ndarray | None, *, beam_size: int, max_len: int, n_best: int,
+               return_attention: bool = False) -> list[list[Caption]]:
+        state = tuple(self._init.run(None, {"features": feats}))
+
+        def step(tokens, state):
+            logits, alpha, h, c = self._step.run(None, {"tokens": tokens, "values": state[0], "keys": state[1],
+                                                         "h": state[2], "c": state[3]})
+            return logits, alpha, (state[0], state[1], h, c)
+
+        return beam_search(step, lambda state, rows: tuple(s[rows] for s in state), state, self.vocab, len(feats),
+                           beam_size=beam_size, max_len=max_len, n_best=n_best, bias=bias,
+                           return_attention=return_attention)
+
+
+def open_runtime(path: Path, runtime: str = "auto", *, int8: bool = True, grounded: bool = True):
+    """The runtime for a checkpoint file or a model folder. "auto": torch where it is installed."""
+    if runtime not in ("auto", "torch", "onnx"):
+        raise ValueError(f"unknown runtime {runtime!r}; expected auto, torch or onnx")
+    try:  # imported, not just found: a broken torch install falls back to the graphs too
+        import torch  # noqa: F401
+        has_torch = True
+    except ImportError:
+        has_torch = False
+    runtime = ("torch" if has_torch else "onnx") if runtime == "auto" else runtime
+    folder = path if path.is_dir() else None
+    if runtime == "onnx":
+        if folder is None:
+            raise ValueError(f"{path}: running without torch needs a model folder with ONNX graphs; "
+                             f"`captioner export DIR --model {path}` writes one (where torch is installed)")
+        return OnnxRuntime(folder, grounded=grounded)
+    if not has_torch:
+        raise ValueError(f"{path}: torch is not installed; pip install 'captioner[train]', or use a model folder")
+    from captioner.checkpoint import load_checkpoint
+    from captioner.pretrained import read_model_folder
+    info = read_model_folder(folder) if folder else None
+    rt = TorchRuntime(load_checkpoint(info["paths"]["weights"] if info else path), int8=int8, grounded=grounded)
+    if info:
+        rt.encoder_path = info["paths"]["encoder"]  # the folder's graph: no export on first run
+    return rt
