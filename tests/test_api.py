@@ -9,6 +9,7 @@ from PIL import Image
 
 from captioner.apps.api import Captioner, CaptionResult
 from captioner.data.images import ImageError
+from captioner.features.encoder import Encoder
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +162,7 @@ def test_info_describes_the_model(captioner, model_path):
     info = captioner.info
     assert info["path"] == str(model_path)
     assert info["encoder"] == "lite2" and info["grid"] == [9, 9]
-    assert info["vocab_size"] == len(captioner.vocab) and info["backend"] in ("onnx", "torch")
+    assert info["vocab_size"] == len(captioner.vocab) and info["backend"] in ("onnx-int8", "onnx", "torch")
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -174,8 +175,9 @@ def test_int8_decoder_writes_nearly_the_same_captions(captioner, model_path, fli
     scores match: benchmarks/levers.py --int8), and a checkpoint without measured ranges decodes in float."""
     # plain decoding on both sides: the grounding's hedges would hide what the weights do
     checkpoint = captioner.runtime.checkpoint
-    exact = Captioner(checkpoint, captioner.encoder, int8=False, grounded=False)
-    captioner = Captioner(checkpoint, captioner.encoder, grounded=False)
+    float_cnn = Encoder.load("lite2", backend="onnx")  # the decoders' difference alone, on the same float grids
+    exact = Captioner(checkpoint, float_cnn, int8=False, grounded=False)
+    captioner = Captioner(checkpoint, float_cnn, grounded=False)
     assert captioner.info["decoder_weights"] == "int8" and exact.info["decoder_weights"] == "float32"
     assert "quantized" in type(captioner.runtime.model.out.layer).__module__
     assert type(exact.runtime.model.out) is torch.nn.Linear

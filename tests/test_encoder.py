@@ -226,3 +226,22 @@ def test_concatenated_and_cut_grids_are_the_parts(dog_paths):
     assert not top.training
     with torch.no_grad():
         assert np.allclose(top(torch.from_numpy(low)).numpy(), lite2, atol=1e-4)
+
+
+def test_int8_encoder_is_close_to_float_and_batch_independent(dog_paths):
+    """The shipped static-int8 graph (tools/quantize_encoder.py): fixed activation ranges, so a photo's grid is
+    the same alone and in a batch; close to the float grid (its scores: benchmarks/int8_encoder.py)."""
+    from captioner.apps.api import Captioner
+    from captioner.features.encoder import int8_path
+    spec = get_spec("lite2")
+    assert int8_path(spec) is not None, "src/captioner/assets/lite2-int8.onnx missing"
+    q, f = Encoder.load("lite2", backend="onnx", int8=True), Encoder.load("lite2", backend="onnx")
+    assert (q.backend, f.backend) == ("onnx-int8", "onnx")
+    x = np.stack([preprocess(load_image(p), spec) for p in dog_paths])
+    together = q.encode(x)
+    alone = np.concatenate([q.encode(x[i:i + 1]) for i in range(len(x))])
+    assert np.array_equal(together, alone)
+    exact = f.encode(x)
+    cos = (together * exact).sum(-1) / (np.linalg.norm(together, axis=-1) * np.linalg.norm(exact, axis=-1) + 1e-9)
+    assert np.median(cos) > 0.97 and not np.array_equal(together, exact)
+    assert Captioner.load().int8_encoder and not Captioner.load(int8=False).int8_encoder

@@ -27,7 +27,7 @@ def folder(model_path, tmp_path_factory) -> Path:
 
 def test_folder_holds_what_other_tools_need(folder):
     names = {p.name for p in folder.iterdir()}
-    assert {"config.json", "vocab.json", "model.safetensors", "encoder.onnx", "decoder_init.onnx",
+    assert {"config.json", "vocab.json", "model.safetensors", "encoder.onnx", "encoder_int8.onnx", "decoder_init.onnx",
             "decoder_step.onnx", "grounding.onnx", "README.md"} <= names
     info = read_model_folder(folder)
     assert info["format"] == FORMAT and info["encoder"] == "lite2" and len(info["vocab"]) == 2537
@@ -49,8 +49,10 @@ def test_onnx_runtime_gives_the_torch_models_captions(folder, model_path, flickr
         assert (x.text, x.alternatives and [h["caption"] for h in x.alternatives]) == \
                (y.text, [h["caption"] for h in y.alternatives])
         assert abs(x.score - y.score) < 1e-3 and x.confidence == pytest.approx(y.confidence, abs=1e-4)
-    # the folder's own encoder graph: same grids as the cached export
-    assert abs(onnx.encoder.encode_images(photos[:2]) - feats[:2]).max() < 1e-4
+    # the folder's own encoder graphs: the float one gives the cached export's grids, the int8 one is the default
+    assert onnx.encoder.backend == "onnx-int8"
+    exact = Captioner.load(folder, runtime="onnx", int8=False)
+    assert exact.encoder.backend == "onnx" and abs(exact.encoder.encode_images(photos[:2]) - feats[:2]).max() < 1e-4
 
 
 def test_torch_runtime_reads_the_folder_too(folder, model_path):

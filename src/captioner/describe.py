@@ -29,6 +29,7 @@ from captioner.data.objects import COCO_OBJECTS, WORD_TO_OBJECT, object_classes
 
 CONCEPTS_FILE = Path(__file__).resolve().parent / "data" / "imagenet_concepts.json"
 CLASSES = list(COCO_OBJECTS)  # evidence head outputs, in this order
+DOG = CLASSES.index("dog")
 # the plain word for a class where its COCO name is not what people say
 CLASS_WORD = {"dining table": "table", "sports ball": "ball", "cell phone": "phone", "potted plant": "plant",
               "hair drier": "hair dryer", "tv": "television", "baseball glove": "glove", "wine glass": "glass"}
@@ -44,10 +45,11 @@ class GroundingSettings:
     # classes that need more evidence than ban_below even on familiar photos: a third of Flickr8k's photos show a
     # dog, so its head sees one in anything dog-coloured (examples/rocket.jpg: 0.43), while real dogs score > 0.75
     ban_class: dict = field(default_factory=lambda: {"dog": 0.5})
-    familiar_above: float = 0.38  # cosine similarity to the nearest Flickr8k training centroid
+    familiar_above: float = 0.34  # cosine similarity to the nearest Flickr8k training centroid
     object_photo_above: float = 0.6  # a concept this probable (other than Flickr8k's own dogs) makes a photo unfamiliar
     boost: float = 1.0          # added to a concept word's log-probability, times its probability
     add_concepts: float = 0.5   # the most evident object the caption misses, at least this probable, is added to it
+    add_unfamiliar: float = 0.3  # the same on an unfamiliar photo, where the decoder itself names less
     hedge_below: float = 0.4    # a caption whose confidence is lower is said as "Probably ..."
     say_less_below: float = 0.1  # tags under this probability are not reported
     # multiplies the odds of "person": a label-shift correction (Saerens et al. 2002) from Flickr8k, where 77% of the
@@ -97,8 +99,8 @@ class Describer:
     def familiar(self, concepts: np.ndarray, familiarity: np.ndarray) -> np.ndarray:
         """(B,) True where the photo looks like Flickr8k's: close to its training photos and no object close-up."""
         s = self.settings
-        subjects = self.class_of_word != CLASSES.index("dog")  # ImageNet's dog breeds are Flickr8k's own subject
-        return (familiarity >= s.familiar_above) & ~((concepts * subjects) >= s.object_photo_above).any(1)
+        subjects = self.class_of_word != DOG  # ImageNet's dog breeds are Flickr8k's own subject
+        return (familiarity >= s.familiar_above) & ~((concepts[:, subjects]) >= s.object_photo_above).any(1)
 
     def _vocab_maps(self, itos: list[str]):
         """(object word ids, their class indices, concept word ids, their concept indices) for a vocabulary;
@@ -121,7 +123,7 @@ class Describer:
         cols, cls, concept_cols, concept_idx = self._vocab_maps(itos)
         bias = np.zeros((len(evidence), len(itos)), np.float32)
         e = np.asarray(evidence, np.float32)[:, cls]
-        floor = np.array([s.ban_class.get(CLASSES[c], 0.0) for c in cls], np.float32)
+        floor = np.array([s.ban_class.get(c, 0.0) for c in CLASSES], np.float32)[cls]
         ban = e < np.maximum(np.where(familiar, s.ban_below, s.ban_unfamiliar)[:, None], floor)
         with np.errstate(divide="ignore"):
             bias[:, cols] = np.where(ban, -np.inf, s.weight * np.log(np.maximum(e, 1e-6)))
@@ -139,13 +141,14 @@ class Describer:
     def tags(self, concepts, evidence, at_least: float) -> list[tuple[str, float]]:
         """What the photo evidently shows, most probable first: ImageNet concept words and the evidence head's
         classes (person, ...) at `at_least` or more."""
-        tags = {w: float(p) for w, p in zip(self.words, np.asarray(concepts).tolist()) if p >= at_least}
+        concepts = np.asarray(concepts)
+        tags = {self.words[k]: float(concepts[k]) for k in np.flatnonzero(concepts >= at_least)}
         for i, c in enumerate(CLASSES):
             if self.learnt[i] and evidence[i] >= at_least and c not in tags:
                 tags[c] = float(evidence[i])
         return sorted(tags.items(), key=lambda t: -t[1])
 
-    def describe(self, caption: str, concepts, evidence) -> dict:
+    def describe(self, caption: str, concepts, evidence, familiar: bool = True) -> dict:
         """One image: the text to say, its confidence and the tags. `caption` is the grounded decoder's sentence.
 
         - It names an object: said as it is, with the most evident object it misses added ("... with a cup"),
@@ -163,8 +166,9 @@ class Describer:
             text = "Image may contain: " + ", ".join(w for w, _ in sure) if sure else s.unsure_text
             confidence = sure[0][1] if sure else 0.0
         else:
+            add = s.add_concepts if familiar else s.add_unfamiliar
             missing = sorted((float(p), c) for c, p in zip(CLASSES, evidence.tolist())
-                             if p >= s.add_concepts and c not in named and c != "person")
+                             if p >= add and c not in named and c != "person")
             text = caption + (f" with {_article(CLASS_WORD.get(missing[-1][1], missing[-1][1]))}" if missing else "")
             confidence = self.confidence(text, evidence)
             if confidence < s.hedge_below:

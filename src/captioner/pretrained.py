@@ -5,6 +5,7 @@
       vocab.json           the vocabulary, index order
       model.safetensors    the checkpoint (checkpoint.py): weights + the same header, for torch and training
       encoder.onnx         pixels (B, 3, S, S) -> grid (B, R, C)
+      encoder_int8.onnx    the same, static int8 (where the encoder has a shipped int8 graph)
       decoder_init.onnx    grid -> the decoder's per-image state (projected grid, attention keys, h, c)
       decoder_step.onnx    previous words + state -> next-word logits, attention, next state
       grounding.onnx       grid -> concepts, evidence, familiarity (models with grounding heads)
@@ -31,8 +32,8 @@ from captioner.io import atomic_write_json
 FORMAT = "captioner-model/1"
 # max |onnx - torch| allowed on any output of the decoder and grounding graphs (measured: ~1e-6)
 ONNX_TOLERANCE = 1e-4
-FILES = {"weights": "model.safetensors", "encoder": "encoder.onnx", "decoder_init": "decoder_init.onnx",
-         "decoder_step": "decoder_step.onnx", "grounding": "grounding.onnx"}
+FILES = {"weights": "model.safetensors", "encoder": "encoder.onnx", "encoder_int8": "encoder_int8.onnx",
+         "decoder_init": "decoder_init.onnx", "decoder_step": "decoder_step.onnx", "grounding": "grounding.onnx"}
 
 
 def default_model_path() -> Path:
@@ -164,7 +165,7 @@ def save_pretrained(source, folder, *, card: str | None = None, beam_size: int =
     import torch
 
     from captioner.checkpoint import load_checkpoint
-    from captioner.features.encoder import Encoder, get_spec, onnx_path
+    from captioner.features.encoder import Encoder, get_spec, int8_path, onnx_path
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()) and not (folder / "config.json").is_file():
         raise ValueError(f"{folder}: exists and is not a model folder; choose an empty or new folder")
@@ -180,6 +181,9 @@ def save_pretrained(source, folder, *, card: str | None = None, beam_size: int =
     try:
         shutil.copyfile(source, tmp / FILES["weights"])
         shutil.copyfile(onnx_path(get_spec(spec_name)), tmp / FILES["encoder"])
+        int8 = int8_path(get_spec(spec_name))
+        if int8:
+            shutil.copyfile(int8, tmp / FILES["encoder_int8"])
         init, step = _graph_modules(ckpt)
         grid, tokens = (torch.from_numpy(a) for a in _check_inputs(ckpt.config, len(ckpt.vocab)))
         images, rows = torch.export.Dim("images"), torch.export.Dim("rows")
@@ -204,7 +208,8 @@ def save_pretrained(source, folder, *, card: str | None = None, beam_size: int =
                 "grounding": None if ckpt.grounding is None else {
                     "settings": ckpt.grounding.settings_dict(), "learnt": ckpt.grounding.learnt.tolist()},
                 "decoding": {"beam_size": beam_size, "max_len": max_len},
-                "files": {**FILES, "grounding": FILES["grounding"] if ckpt.grounding is not None else None},
+                "files": {**FILES, "grounding": FILES["grounding"] if ckpt.grounding is not None else None,
+                          "encoder_int8": FILES["encoder_int8"] if int8 else None},
                 "onnx_check": {"tolerance": ONNX_TOLERANCE, "max_abs_error": errors}, "meta": ckpt.meta}
         atomic_write_json(tmp / "vocab.json", ckpt.vocab.to_dict())
         atomic_write_json(tmp / "config.json", info)

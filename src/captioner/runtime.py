@@ -33,7 +33,7 @@ class TorchRuntime:
     """A checkpoint (checkpoint.py) decoded by decode.decode, with int8 weights when the checkpoint has the
     activation ranges measured when it shipped (older ones decode in float)."""
     name = "torch"
-    encoder_path: Path | None = None  # a model folder's encoder graph (open_runtime sets it)
+    encoder_paths: dict = {}  # a model folder's encoder graphs {"float", "int8"} (open_runtime sets them)
 
     def __init__(self, checkpoint, *, int8: bool = True, grounded: bool = True):
         from captioner.model import quantize_int8
@@ -79,8 +79,8 @@ class OnnxRuntime:
         self.describer = Describer(GroundingSettings.from_dict(g["settings"]), g["learnt"]) if g else None
 
     @property
-    def encoder_path(self) -> Path:
-        return self.info["paths"]["encoder"]
+    def encoder_paths(self) -> dict:
+        return _encoder_paths(self.info)
 
     def heads(self, feats: np.ndarray):
         return tuple(self._heads.run(None, {"features": feats}))
@@ -122,5 +122,9 @@ def open_runtime(path: Path, runtime: str = "auto", *, int8: bool = True, ground
     info = read_model_folder(folder) if folder else None
     rt = TorchRuntime(load_checkpoint(info["paths"]["weights"] if info else path), int8=int8, grounded=grounded)
     if info:
-        rt.encoder_path = info["paths"]["encoder"]  # the folder's graph: no export on first run
+        rt.encoder_paths = _encoder_paths(info)  # the folder's graphs: no export on first run
     return rt
+
+
+def _encoder_paths(info: dict) -> dict:
+    return {"float": info["paths"]["encoder"], "int8": info["paths"].get("encoder_int8")}

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from captioner.data.images import ImageError, load_image, preprocess
-from captioner.features.encoder import Encoder, get_spec
+from captioner.features.encoder import Encoder, get_spec, int8_path
 from captioner.pretrained import default_model_path
 from captioner.runtime import open_runtime
 
@@ -70,7 +70,7 @@ class Captioner:
         if encoder is not None and encoder.spec.name != self.spec.name:
             raise ValueError(f"{model.path}: model was trained on {self.spec.name} features, "
                              f"encoder is {encoder.spec.name}")
-        self._encoder, self._backend, self._threads = encoder, backend, threads
+        self._encoder, self._backend, self._threads, self._int8 = encoder, backend, threads, int8
         self.vocab = model.vocab
         self.beam_size, self.max_len = beam_size, max_len
         # what to say from the concept and evidence heads (describe.py); None: plain captions
@@ -80,13 +80,15 @@ class Captioner:
     def load(cls, path=None, *, runtime: str = "auto", backend: str = "auto", beam_size: int = 3, max_len: int = 30,
              int8: bool = True, grounded: bool = True, threads: int | None = None) -> "Captioner":
         """`path`: a checkpoint file or a model folder (pretrained.py); None: the shipped Flickr8k model.
-        `runtime` "torch" decodes with torch (int8 weights unless `int8` is False), "onnx" with a model
+        `int8` False runs the float encoder and decoder (the int8 ones are 2-3x faster, same dev scores:
+        benchmarks/int8_encoder.py, benchmarks/levers.py --int8).
+        `runtime` "torch" decodes with torch, "onnx" with a model
         folder's graphs and no torch; "auto": torch if installed. `backend` picks onnxruntime or torch for the CNN;
         `grounded` False ignores the concept and evidence heads (plain Show, Attend and Tell); `threads` caps
         onnxruntime's encoder threads (None: one per core)."""
         rt = open_runtime(Path(path) if path is not None else default_model_path(), runtime, int8=int8,
                           grounded=grounded)
-        c = cls(rt, beam_size=beam_size, max_len=max_len, backend=backend, threads=threads)
+        c = cls(rt, beam_size=beam_size, max_len=max_len, int8=int8, backend=backend, threads=threads)
         c.encoder  # loaded now, so a broken encoder fails here and the first photo is not slow
         return c
 
@@ -97,14 +99,28 @@ class Captioner:
         from captioner.pretrained import save_pretrained
         return save_pretrained(self.runtime.path, folder, beam_size=self.beam_size, max_len=self.max_len, **options)
 
+    def _encoder_graph(self) -> tuple[Path | None, bool]:
+        """(ONNX graph to run, whether it is the int8 one): a model folder's graph (its int8 one unless `int8` is
+        False), else the shipped int8 graph of the encoder; (None, False): Encoder.load's float export."""
+        if self._backend not in ("auto", "onnx"):
+            return None, False
+        folder = getattr(self.runtime, "encoder_paths", {})
+        int8 = folder.get("int8") if folder else int8_path(self.spec)
+        if self._int8 and int8:
+            return int8, True
+        return folder.get("float"), False
+
+    @property
+    def int8_encoder(self) -> bool:
+        """Whether photos go through a static-int8 encoder (known without loading it)."""
+        return self._encoder.backend == "onnx-int8" if self._encoder is not None else self._encoder_graph()[1]
+
     @property
     def encoder(self) -> Encoder:
         if self._encoder is None:
-            onnx_file = getattr(self.runtime, "encoder_path", None)
-            if onnx_file is not None and self._backend in ("auto", "onnx"):
-                self._encoder = Encoder.from_onnx(self.spec.name, onnx_file, threads=self._threads)
-            else:
-                self._encoder = Encoder.load(self.spec.name, backend=self._backend, threads=self._threads)
+            graph, int8 = self._encoder_graph()
+            self._encoder = Encoder.from_onnx(self.spec.name, graph, threads=self._threads, int8=int8) if graph \
+                else Encoder.load(self.spec.name, backend=self._backend, threads=self._threads)
         return self._encoder
 
     @property
@@ -168,7 +184,7 @@ class Captioner:
         # rounded to float16 as the feature store keeps grids, so a photo gets the same caption whether its grid
         # was just computed (caption, serve) or read from a store (evaluate)
         feats = np.ascontiguousarray(np.asarray(feats).astype(np.float16).astype(np.float32))
-        bias = concepts = evidence = None
+        bias = concepts = evidence = familiar = None
         if self.describer is not None:
             concepts, evidence, familiarity = self.runtime.heads(feats)
             familiar = self.describer.familiar(concepts, familiarity)
@@ -178,7 +194,8 @@ class Captioner:
         out = []
         for k, hyps in enumerate(beams):
             best = hyps[0]
-            said = {} if self.describer is None else self.describer.describe(best.text, concepts[k], evidence[k])
+            said = {} if self.describer is None else \
+                self.describer.describe(best.text, concepts[k], evidence[k], bool(familiar[k]))
             att = None
             if attention and best.attention is not None:
                 att = best.attention.reshape(len(best.tokens), *self.spec.grid)

@@ -165,7 +165,8 @@ def _add_evaluate(sub):
     p.add_argument("--max-images", type=int, dest="limit", metavar="N",
                    help="only the first N images of the split (quick checks)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves its ~10 s JVM start)")
-    p.add_argument("--no-int8", dest="int8", action="store_false", help="decode with the float weights")
+    p.add_argument("--no-int8", dest="int8", action="store_false",
+                   help="float encoder and decoder (then the float feature store of --data is used)")
     p.add_argument("--plain", dest="grounded", action="store_false",
                    help="score the decoder's own sentences: no concept/evidence heads, no hedging")
     p.set_defaults(run=_run_evaluate)
@@ -238,7 +239,7 @@ def _add_model_options(p) -> None:
                    help="decoder runtime: torch (int8), or a model folder's ONNX graphs (no torch needed); "
                         "auto: torch if installed")
     p.add_argument("--no-int8", dest="int8", action="store_false",
-                   help="decode with the float weights instead of int8 (slower, the exact evaluated model)")
+                   help="float encoder and decoder instead of int8 (slower; the same dev scores)")
     p.add_argument("--plain", dest="grounded", action="store_false",
                    help="ignore the model's concept and evidence heads: the decoder's sentence, never hedged")
 
@@ -571,6 +572,14 @@ def _add_library(sub):
                    help="with --write-metadata: write into the image file's own XMP instead (needs exiftool; "
                         "metadata only, the pixels are not re-encoded)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ray = p.add_argument_group("scale-out on Ray (pip install 'captioner[ray]'; apps/scale.py)")
+    ray.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                     help="caption the photos on Ray: alone, a local instance on --ray-cpus cores; 'auto' or "
+                          "HOST:PORT, a running cluster (FOLDER at the same path on every node). This process "
+                          "writes the library and describes the videos")
+    ray.add_argument("--workers", type=int, default=2, metavar="N", help="with --ray: model replicas (actors)")
+    ray.add_argument("--ray-cpus", type=int, default=2, metavar="N",
+                     help="with --ray alone: cores of the local instance")
     p.set_defaults(run=_run_index)
     p = sub.add_parser("tag", help="caption photos and write their description and tags as XMP metadata",
                        description="Writes each photo's description (dc:description) and tags (dc:subject) to an "
@@ -623,13 +632,15 @@ def _run_index(args) -> int:
         raise UserError("--in-file goes with --write-metadata")
     if args.in_file and exiftool_path() is None:  # before captioning a whole folder
         raise UserError("--in-file needs exiftool (apt install libimage-exiftool-perl); without it, sidecars")
+    ray = _ray_index_options(args)
     try:
-        captioner = _load_if_chosen(args)
+        # with --ray the workers caption the photos; this process loads a model only if a video needs one
+        captioner = (lambda: _load_for(args)) if ray else _load_if_chosen(args)
         s = index_folder(args.folder, args.db, captioner, beam_size=args.beam, n_best=args.n_best,
-                         batch_size=args.batch_size, progress=not args.no_progress, recaption=args.recaption)
+                         batch_size=args.batch_size, progress=not args.no_progress, recaption=args.recaption, ray=ray)
         meta = write_library_metadata(args.db, args.folder, in_file=args.in_file) if args.write_metadata else None
-    except (ValueError, OSError) as e:
-        raise UserError(str(e)) from None
+    except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: --ray without Ray installed
+        raise UserError(str(e).splitlines()[0]) from None
     for line in s.get("skipped", []) + s["errors"] + (meta["errors"] if meta else []):
         print(f"skipped {line}", file=sys.stderr)
     videos = f" and {s['videos']} videos" if s["videos"] else ""
@@ -640,6 +651,28 @@ def _run_index(args) -> int:
           + (f"; metadata written for {len(meta['written'])}" + (" (in the files)" if args.in_file else " (XMP sidecars)")
              if meta else ""))
     return 1 if meta and meta["errors"] else 0
+
+
+def _ray_index_options(args) -> dict | None:
+    """index_folder's `ray` options from `index --ray`: where Ray runs and how the workers load the model."""
+    if not args.ray:
+        return None
+    from pathlib import Path
+
+    from captioner.apps.scale import require_ray
+    if args.workers < 1 or args.ray_cpus < 1:
+        raise UserError("--workers and --ray-cpus must be at least 1")
+    try:
+        require_ray()  # before a folder is read
+    except RuntimeError as e:
+        raise UserError(str(e)) from None
+    # checked here: a worker that cannot load it fails with a Ray traceback; absolute, as workers' cwd may differ
+    model = Path(args.model).absolute() if args.model else None
+    if model and not model.exists():
+        raise UserError(f"{args.model}: no such model file or folder")
+    return {"address": None if args.ray == "local" else args.ray, "workers": args.workers,
+            "num_cpus": args.ray_cpus, "model": str(model) if model else None, "int8": args.int8,
+            "grounded": args.grounded, "backend": args.backend, "runtime": args.runtime}
 
 
 def _run_tag(args) -> int:

@@ -312,7 +312,7 @@ def library_roots(db_path) -> list[Path]:
 
 
 def index_folder(folder, db_path, captioner=None, *, beam_size: int = 3, n_best: int = 3, batch_size: int = 16,
-                 progress: bool = True, recaption: bool = False) -> dict:
+                 progress: bool = True, recaption: bool = False, ray: dict | None = None) -> dict:
     """Caption every image, and every scene of every video, under `folder` into the SQLite library at
     `db_path`; returns a summary dict.
 
@@ -321,9 +321,14 @@ def index_folder(folder, db_path, captioner=None, *, beam_size: int = 3, n_best:
     is committed on its own. A video is described as `captioner caption clip.mp4` describes it
     (`video.describe_video`), one library entry per scene. Unreadable images and videos are stored with their
     error and listed in summary["errors"] (a damaged video keeps the scenes before the damage); they are
-    retried only once the file changes. `captioner` is a `captioner.Captioner`; None loads the shipped model,
-    and only when something needs captioning. `recaption` captions every file again (after a model upgrade).
-    Counts: "found" images and "videos"; "captioned" images, "described" videos and their "scenes".
+    retried only once the file changes. `captioner` is a `captioner.Captioner` or a function that loads one;
+    None loads the shipped model; either only when something needs captioning. `recaption` captions every file
+    again (after a model upgrade). Counts: "found" images and "videos"; "captioned" images, "described" videos
+    and their "scenes".
+
+    `ray`: the photos are captioned on Ray instead (`scale.run_batches`'s options: address, workers, num_cpus,
+    and the workers' model, int8, grounded, backend, runtime), in the batches this process would caption; this
+    process still writes every row, and describes the videos with `captioner`.
     """
     folder = Path(folder).absolute()
     db_path = Path(db_path)
@@ -344,12 +349,15 @@ def index_folder(folder, db_path, captioner=None, *, beam_size: int = 3, n_best:
         con.commit()
         indexer = _Indexer(con, known, summary, captioner, beam_size=beam_size, n_best=n_best, recaption=recaption)
         pending = indexer.changed(files)
-        bar = tqdm(total=len(pending), desc="indexing", unit="img", disable=not progress or not pending)
-        for start in range(0, len(pending), batch_size):
-            indexer.index(pending[start:start + batch_size])
-            con.commit()  # per batch: an interrupted run loses at most this batch
-            bar.update(min(batch_size, len(pending) - start))
-        bar.close()
+        if ray is not None:
+            indexer.index_on_ray(pending, batch_size, ray | {"progress": progress})
+        else:
+            bar = tqdm(total=len(pending), desc="indexing", unit="img", disable=not progress or not pending)
+            for start in range(0, len(pending), batch_size):
+                indexer.index(pending[start:start + batch_size])
+                con.commit()  # per batch: an interrupted run loses at most this batch
+                bar.update(min(batch_size, len(pending) - start))
+            bar.close()
         pending = indexer.changed(videos)
         for p, size, mtime_ns in tqdm(pending, desc="videos", unit="video", disable=not progress or not pending):
             indexer.index_video(p, size, mtime_ns, progress=progress)
@@ -421,13 +429,8 @@ class _Indexer:
 
     def index_video(self, p: Path, size: int, mtime_ns: int, *, progress: bool) -> None:
         """Hash a video; describe the scenes of a new one and store them, or its damage as one error line."""
-        try:
-            with open(p, "rb") as f:
-                sha = hashlib.file_digest(f, "sha256").hexdigest()  # in chunks: videos can be large
-        except OSError as e:
-            self._fail(p, f"{p}: {e.strerror or e}", stored=(size, mtime_ns, None))
-            return
-        if self._touched(p, size, mtime_ns, sha):
+        sha = self._hash(p, size, mtime_ns)
+        if sha is None or self._touched(p, size, mtime_ns, sha):
             return
         error = None
         try:
@@ -443,6 +446,52 @@ class _Indexer:
         else:
             self.summary["described"] += 1
 
+    def index_on_ray(self, pending: list[tuple[Path, int, int]], batch_size: int, options: dict) -> None:
+        """What `index` does with each batch of `pending`, with the captioning on Ray (scale.run_batches, in
+        library mode): the batches are `index`'s, less the touched files; each is stored as it comes back."""
+        from captioner.apps import scale
+        batches, stats = [], {}
+        for start in range(0, len(pending), batch_size):
+            batch = [item for item in pending[start:start + batch_size] if not self._hashed_unchanged(*item)]
+            batches += [[str(p) for p, _, _ in batch]] if batch else []
+            stats.update((str(p), (size, mtime_ns)) for p, size, mtime_ns in batch)
+        self.con.commit()  # the touched rows, before the long part
+        if not batches:  # nothing new: no Ray instance, no workers
+            return
+        rows = scale.run_batches(batches, library=True, beam=self.beam_size, n_best=self.n_best, **options)
+        with closing(rows):
+            for batch in rows:
+                for path, record, error in batch:
+                    self._store_remote(Path(path), *stats[path], json.loads(record) if record else {}, error)
+                self.con.commit()  # per batch back: an interrupted run loses only the batches in flight
+
+    def _store_remote(self, p: Path, size: int, mtime_ns: int, record: dict, error: str) -> None:
+        """Store a photo a Ray worker read (record: {"sha256", "model", "result"}) or could not read (no record)."""
+        from captioner.apps.api import CaptionResult
+        self.model_name = self.model_name or record.get("model")
+        if error:
+            self._fail(p, error, stored=(size, mtime_ns, record.get("sha256")), model=record.get("model"))
+        else:
+            self._keep(p, size, mtime_ns, record["sha256"], CaptionResult(**record["result"]), record["model"])
+
+    def _hashed_unchanged(self, p: Path, size: int, mtime_ns: int) -> bool:
+        """Whether a file with a changed size or mtime needs no captioning: unreadable (stored as failed), or
+        only touched (`_touched`). Read only when it has an indexed row: any other file's content is new."""
+        row = self.known.get(str(p))
+        if not (row and row[3] and row[4]) or self.recaption:
+            return False
+        sha = self._hash(p, size, mtime_ns)
+        return sha is None or self._touched(p, size, mtime_ns, sha)
+
+    def _hash(self, p: Path, size: int, mtime_ns: int) -> str | None:
+        """The file's sha256, read in chunks (videos can be large); None when unreadable, stored as failed."""
+        try:
+            with open(p, "rb") as f:
+                return hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError as e:
+            self._fail(p, f"{p}: {e.strerror or e}", stored=(size, mtime_ns, None))
+            return None
+
     def _touched(self, p: Path, size: int, mtime_ns: int, sha: str) -> bool:
         """Whether the file is only touched (same content as indexed): then only its size and mtime are updated."""
         row = self.known.get(str(p))
@@ -457,6 +506,8 @@ class _Indexer:
         if self.captioner is None:
             from captioner.apps.api import Captioner
             self.captioner = Captioner.load(beam_size=self.beam_size)
+        elif not hasattr(self.captioner, "caption_batch"):  # a loader: called once, when first needed
+            self.captioner = self.captioner()
         self.model_name = self.model_name or str(self.captioner.info.get("name", "unknown"))
         return self.captioner
 
@@ -468,8 +519,12 @@ class _Indexer:
             if isinstance(res, Exception):
                 self._fail(p, error_line(p, res), stored=(size, mtime_ns, sha), model=self.model_name)
             else:
-                _store(self.con, str(p), size, mtime_ns, sha, result=res, model=self.model_name)
-                self.summary["captioned"] += 1
+                self._keep(p, size, mtime_ns, sha, res, self.model_name)
+
+    def _keep(self, p: Path, size: int, mtime_ns: int, sha: str, result, model: str) -> None:
+        """Store and count a captioned photo (captioned here or on a Ray worker)."""
+        _store(self.con, str(p), size, mtime_ns, sha, result=result, model=model)
+        self.summary["captioned"] += 1
 
     def _fail(self, path: Path, error: str, stored: tuple | None = None, model: str | None = None) -> None:
         """Count and list a failure; with `stored` (size, mtime_ns, sha256) its row keeps the error."""

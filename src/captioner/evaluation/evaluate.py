@@ -136,7 +136,10 @@ def decode_split(captioner, records, *, data, beam_size: int, batch_size: int, p
     """
     from captioner.data.images import ImageError
 
-    store, note = _open_store(data, captioner.spec.name)
+    if captioner.int8_encoder:  # the store holds float grids; score the grids people get
+        store, note = None, "feature store not used: photos go through the int8 encoder, as in `captioner caption`"
+    else:
+        store, note = _open_store(data, captioner.spec.name)
     notes = [note] if note else []
     results, counts = {}, {"features_from_store": 0, "features_encoded": 0, "unreadable": 0}
     attention_ids = attention_ids or set()
@@ -227,6 +230,7 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "dev", *, 
         counts = scored.info.pop("counts")
         scored.info.update(model=ckpt.meta.get("name") or Path(ckpt.path).stem, encoder=ckpt.config.encoder,
                            beam_size=beam_size, max_len=max_len, decoder_weights="int8" if int8 else "float32",
+                           encoder_weights="int8" if captioner.int8_encoder else "float32",
                            grounded=captioner.describer is not None, **counts)
     return _score_and_write(Path(out), scored, references, paths, split, meteor)
 
