@@ -1,6 +1,6 @@
 """Training throughput on this machine: captions/s and projected seconds per Flickr8k epoch, peak RSS.
 
-    python benchmarks/train_speed.py [--work work/flickr8k] [--config configs/flickr8k.toml] [--batches 30]
+    python benchmarks/train_speed.py [--work work/flickr8k] [--config configs/flickr8k.toml] [--batches 30] [--precision fp32]
     python benchmarks/train_speed.py --run runs/flickr8k     # per-epoch figures of a finished run
 
 Times the real training step (the same DataLoader, model, loss and optimiser as `captioner train`)
@@ -19,6 +19,7 @@ from captioner.data.datasets import load_prepared
 from captioner.features.store import FeatureStore
 from captioner.io import atomic_write_json
 from captioner.model import ShowAttendTell, caption_loss
+from captioner.train import use_bf16
 from captioner.train_data import CaptionDataset, collate_images, epoch_batches
 
 
@@ -41,12 +42,16 @@ def main():
     ap.add_argument("--config", default="configs/flickr8k.toml")
     ap.add_argument("--batches", type=int, default=30)
     ap.add_argument("--run", help="print the per-epoch log of a finished run instead")
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="override the config's precision")
     ap.add_argument("--out", default="benchmarks/results/train_speed.json")
     args = ap.parse_args()
     if args.run:
         return report_run(args.run)
 
     config = Config.from_toml(args.config)
+    if args.precision:
+        config = config.replace(precision=args.precision)
+    bf16 = use_bf16(config, torch.device("cpu"))
     data = load_prepared(args.work)
     store = FeatureStore.open(args.work, config.encoder)
     ds = CaptionDataset(store, data, "train", config.max_len)
@@ -59,8 +64,9 @@ def main():
     captions, seconds = 0, 0.0
     for i, (feats, caps, index) in enumerate(loader):
         t = time.perf_counter()
-        logits, alphas = model(feats, caps, index)
-        loss, _ = caption_loss(logits, alphas, caps, config)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits, alphas = model(feats, caps, index)
+        loss, _ = caption_loss(logits.float(), alphas.float(), caps, config)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -72,9 +78,10 @@ def main():
     rate = captions / seconds
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{captions} captions in {seconds:.1f} s: {rate:.0f} captions/s -> {total / rate:.0f} s per epoch "
-          f"({total} captions); peak RSS {rss:.0f} MiB; {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}")
+          f"({total} captions); {'bf16' if bf16 else 'fp32'}; peak RSS {rss:.0f} MiB; {torch.get_num_threads()} threads, "
+          f"load {os.getloadavg()[0]:.1f}")
     atomic_write_json(args.out, {"captions_per_sec": round(rate, 1), "epoch_seconds": round(total / rate, 1),
-                                 "peak_rss_mib": round(rss), "threads": torch.get_num_threads(),
+                                 "peak_rss_mib": round(rss), "threads": torch.get_num_threads(), "precision": "bf16" if bf16 else "fp32",
                                  "loadavg": os.getloadavg()[0], "config": args.config})
 
 

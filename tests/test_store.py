@@ -143,7 +143,32 @@ def test_cli_features(built, capsys, tmp_path):
     wd, _ = built
     assert cli_main(["features", str(wd), "--batch-size", "4"]) == 0
     out = capsys.readouterr().out
-    assert "14 images stored" in out and "failed broken.jpg: not an image" in out
+    assert "14 float32 grids stored" in out and "failed broken.jpg: not an image" in out
     assert cli_main(["features", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "dataset.jsonl: missing" in err
+
+
+def test_int8_store_holds_the_int8_encoders_grids_and_evaluate_uses_it(tmp_path, flickr8k_root, built):
+    """`captioner features --int8`: the grids of the shipped int8 graph, marked so in the index; resuming with
+    the float encoder is refused; evaluate reads the store whose grids match the encoder people get."""
+    from captioner.apps.api import Captioner
+    from captioner.evaluation.evaluate import decode_split
+    wd = _make_workdir(tmp_path / "wd", flickr8k_root, n_images=6)
+    summary = build_features(wd, batch_size=4, progress=False, int8=True)
+    store = FeatureStore.open(wd)
+    assert summary["weights"] == store.weights == "int8"
+    int8 = Encoder.load("lite2", backend="onnx", int8=True)
+    want = int8.encode_images([flickr8k_root / "images" / i for i in store.ids[:2]]).astype(np.float16)
+    assert np.array_equal(store.get(store.ids[:2]), want)
+    assert FeatureStore.open(built[0]).weights == "float32"
+    with pytest.raises(ValueError, match="store holds int8 grids, asked for float32"):
+        (wd / "features" / "lite2" / INDEX_FILE).write_text(
+            (wd / "features" / "lite2" / INDEX_FILE).read_text().replace('"complete": true', '"complete": false'))
+        build_features(wd, progress=False)
+    records = [r for r in load_prepared(built[0]).records if r.image_id in FeatureStore.open(built[0])][:3]
+    for int8_on, from_store in ((True, 0), (False, 3)):
+        c = Captioner.load(int8=int8_on)
+        _, notes, counts = decode_split(c, records, data=built[0], beam_size=1, batch_size=8, progress=False)
+        assert counts["features_from_store"] == from_store
+        assert any("holds float32 grids" in n for n in notes) == int8_on

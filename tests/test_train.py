@@ -89,9 +89,10 @@ def one_caption_workdir(tiny_workdir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def xent_model(one_caption_workdir, tmp_path_factory):
-    """A tiny, partly trained cross-entropy model for SCST to start from."""
+    """A tiny, partly trained cross-entropy model for SCST to start from (float32: the SCST test's thresholds were
+    set on it; bf16 training has its own test)."""
     out = tmp_path_factory.mktemp("xent")
-    train(one_caption_workdir, out, Config(**TINY, epochs=6, alpha_c=0.0), progress=False)
+    train(one_caption_workdir, out, Config(**TINY, epochs=6, alpha_c=0.0, precision="fp32"), progress=False)
     return out / "best.safetensors"
 
 
@@ -193,3 +194,19 @@ def test_checkpoint_round_trip_and_refusals(tiny_workdir, tmp_path):
         load_checkpoint(broken)
     with pytest.raises(ValueError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "absent.safetensors")
+
+
+def test_precision_chooses_bf16_for_cross_entropy_where_native(tiny_workdir, tmp_path):
+    """precision "auto": bf16 autocast for cross-entropy on a CPU with native bf16, float32 for self-critical
+    training on a CPU; an unknown value is refused. A bf16 run trains and its checkpoint holds float32 weights."""
+    from captioner.train import use_bf16
+    cpu = torch.device("cpu")
+    native = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    assert use_bf16(Config(), cpu) == native and not use_bf16(Config(objective="scst"), cpu)
+    assert use_bf16(Config(precision="bf16", objective="scst"), cpu) and not use_bf16(Config(precision="fp32"), cpu)
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        use_bf16(Config(precision="fp16"), cpu)
+    history = train(tiny_workdir, tmp_path / "bf16", Config(**TINY, epochs=2, precision="bf16"), progress=False)["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    ckpt = load_checkpoint(tmp_path / "bf16" / "best.safetensors")
+    assert ckpt.config.precision == "bf16" and ckpt.model.out.weight.dtype == torch.float32

@@ -242,6 +242,23 @@ class Run:
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.config.epochs
 
+    @property
+    def bf16(self) -> bool:
+        return use_bf16(self.config, self.device)
+
+
+def use_bf16(config: Config, device: torch.device) -> bool:
+    """Whether training runs its matrix products in bfloat16 (config.precision)."""
+    if config.precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision {config.precision!r}: expected auto, bf16 or fp32")
+    if config.precision != "auto":
+        return config.precision == "bf16"
+    if device.type == "cuda":
+        return True
+    # on a CPU: cross-entropy only, where bf16 was measured to keep the dev scores; emulated bf16 (CPUs without
+    # the instructions) is slower than float32
+    return config.objective == "xent" and bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+
 
 @dataclass
 class EpochStats:
@@ -406,7 +423,7 @@ def train_epoch(run: Run, epoch: int, *, show_progress: bool = True, stop_after_
 def train_step(run: Run, batch: list[int], feats, caps, index) -> dict[str, float]:
     """One optimiser step on one batch. Returns what it measured: the cross-entropy, or the mean reward of
     the sampled captions and of their baseline."""
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.bf16):
         if run.scst:
             ids = [run.train_set.image_ids[i] for i in batch]
             loss, reward, baseline = scst_loss(run.model, run.data.vocab, feats, ids, run.cider, run.config)

@@ -136,10 +136,11 @@ def decode_split(captioner, records, *, data, beam_size: int, batch_size: int, p
     """
     from captioner.data.images import ImageError
 
-    if captioner.int8_encoder:  # the store holds float grids; score the grids people get
-        store, note = None, "feature store not used: photos go through the int8 encoder, as in `captioner caption`"
-    else:
-        store, note = _open_store(data, captioner.spec.name)
+    store, note = _open_store(data, captioner.spec.name)
+    weights = "int8" if captioner.int8_encoder else "float32"
+    if store is not None and store.weights != weights:  # score the grids people get
+        store, note = None, (f"feature store not used: it holds {store.weights} grids, photos go through the "
+                             f"{weights} encoder (`captioner features{' --int8' if weights == 'int8' else ''}`)")
     notes = [note] if note else []
     results, counts = {}, {"features_from_store": 0, "features_encoded": 0, "unreadable": 0}
     attention_ids = attention_ids or set()
