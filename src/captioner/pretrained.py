@@ -165,7 +165,7 @@ def save_pretrained(source, folder, *, card: str | None = None, beam_size: int =
     import torch
 
     from captioner.checkpoint import load_checkpoint
-    from captioner.features.encoder import Encoder, get_spec, int8_path, onnx_path
+    from captioner.features.encoder import exported_onnx, get_spec, int8_path
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()) and not (folder / "config.json").is_file():
         raise ValueError(f"{folder}: exists and is not a model folder; choose an empty or new folder")
@@ -174,13 +174,12 @@ def save_pretrained(source, folder, *, card: str | None = None, beam_size: int =
         source = source / FILES["weights"]
     ckpt = load_checkpoint(source)
     spec_name = ckpt.config.encoder
-    Encoder.load(spec_name, backend="onnx")  # exports the encoder graph to the cache (its own process), once
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a model folder is for sharing
     try:
         shutil.copyfile(source, tmp / FILES["weights"])
-        shutil.copyfile(onnx_path(get_spec(spec_name)), tmp / FILES["encoder"])
+        shutil.copyfile(exported_onnx(get_spec(spec_name)), tmp / FILES["encoder"])
         int8 = int8_path(get_spec(spec_name))
         if int8:
             shutil.copyfile(int8, tmp / FILES["encoder_int8"])
@@ -237,8 +236,8 @@ def model_card(info: dict) -> str:
              f"{info['captioner_version']}: encoder {info['encoder']} (frozen, ImageNet weights), LSTM decoder "
              f"with soft attention ({cfg['decoder_dim']} units), {'with' if info['grounding'] else 'without'} "
              "grounding heads.", "",
-             "## Use", "", "```", f"captioner caption --model {{this folder}} photo.jpg",
-             "python -c \"from captioner import Captioner; print(Captioner.load('this-folder').caption('photo.jpg').text)\"",
+             "## Use", "", "```", "captioner caption --model THIS_FOLDER photo.jpg",
+             "python -c \"from captioner import Captioner; print(Captioner.load('THIS_FOLDER').caption('photo.jpg').text)\"",
              "```", "Without torch installed the ONNX graphs run it (onnxruntime, numpy and Pillow only).", "",
              "## Training", "", f"Data: {meta.get('workdir', 'not recorded')}; objective {cfg['objective']}, "
              f"{cfg['epochs']} epochs at most, batch {cfg['batch_size']}, lr {cfg['lr']}.", ""]

@@ -227,6 +227,22 @@ def export_onnx(spec: EncoderSpec, path: str | Path) -> float:
     return err
 
 
+def exported_onnx(spec: EncoderSpec, cache_dir: str | Path | None = None) -> Path:
+    """The cached float ONNX graph of `spec`, exported first if it is not there yet (in a fresh process:
+    export_onnx)."""
+    path = onnx_path(spec, cache_dir)
+    if not path.is_file():
+        # the one slow first-run step (20-40 s): say what is happening rather than look stuck
+        print(f"captioner: first run: exporting the {spec.name} encoder to ONNX, once, into {path.parent}",
+              file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, "-m", "captioner.features.encoder", "export", spec.name, str(path)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = " ".join(proc.stderr.strip().splitlines()[-1:])
+            raise RuntimeError(f"exporting {spec.name} to {path} failed: {tail}")
+    return path
+
+
 INT8_DIR = Path(__file__).resolve().parents[1] / "assets"  # int8 graphs ship beside the model (tools/quantize_encoder.py)
 
 
@@ -250,8 +266,6 @@ def quantize(spec: EncoderSpec, pixels: np.ndarray, out: str | Path, batch: int 
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from captioner.io import atomic_write_bytes
-    Encoder.load(spec.name, backend="onnx")  # the float graph, exported once into the cache
-
     class Photos(CalibrationDataReader):
         def __init__(self):
             self.chunks = iter(range(0, len(pixels), batch))
@@ -261,7 +275,7 @@ def quantize(spec: EncoderSpec, pixels: np.ndarray, out: str | Path, batch: int 
             return None if i is None else {"pixels": np.ascontiguousarray(pixels[i:i + batch], np.float32)}
 
     with tempfile.TemporaryDirectory() as tmp:
-        quant_pre_process(str(onnx_path(spec)), f"{tmp}/pre.onnx")
+        quant_pre_process(str(exported_onnx(spec)), f"{tmp}/pre.onnx")
         import onnx
         convs = [n.name for n in onnx.load(f"{tmp}/pre.onnx").graph.node if n.op_type == "Conv"]
         # the stem (raw pixels) and the last FLOAT_TAIL convolutions (they write the grid the decoder reads) stay
@@ -300,17 +314,7 @@ class Encoder:
                     return model(torch.from_numpy(x).to(device)).float().cpu().numpy()
             return cls(spec, "torch", run)
         if backend == "onnx":
-            path = onnx_path(spec, cache_dir)
-            if not path.is_file():
-                # the one slow first-run step (20-40 s): say what is happening rather than look stuck
-                print(f"captioner: first run: exporting the {spec.name} encoder to ONNX, once, into {path.parent}",
-                      file=sys.stderr, flush=True)
-                proc = subprocess.run([sys.executable, "-m", "captioner.features.encoder", "export", spec.name,
-                                       str(path)], capture_output=True, text=True)
-                if proc.returncode != 0:
-                    tail = " ".join(proc.stderr.strip().splitlines()[-1:])
-                    raise RuntimeError(f"exporting {spec.name} to {path} failed: {tail}")
-            return cls.from_onnx(name, path, threads)
+            return cls.from_onnx(name, exported_onnx(spec, cache_dir), threads)
         raise ValueError(f"unknown backend {backend!r}; expected auto, torch or onnx")
 
     @classmethod
