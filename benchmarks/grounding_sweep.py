@@ -21,7 +21,7 @@ from captioner.evaluation.chair import chair
 from captioner.evaluation.evaluate import load_split
 from captioner.evaluation.metrics import score_captions
 from captioner.features.store import FeatureStore
-from truthfulness import ROOT, parse_args  # benchmarks/ is on the path when a script in it runs
+from truthfulness import parse_args  # benchmarks/ is on the path when a script in it runs
 
 VARIANTS = {
     "shipped settings": {},

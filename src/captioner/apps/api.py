@@ -82,8 +82,8 @@ class Captioner:
         """`path`: a checkpoint file or a model folder (pretrained.py); None: the shipped Flickr8k model.
         `int8` False runs the float encoder and decoder (the int8 ones are 2-3x faster, same dev scores:
         benchmarks/int8_encoder.py, benchmarks/levers.py --int8).
-        `runtime` "torch" decodes with torch, "onnx" with a model
-        folder's graphs and no torch; "auto": torch if installed. `backend` picks onnxruntime or torch for the CNN;
+        `runtime` "torch" decodes with torch, "onnx" with a model folder's graphs and no torch; "auto": torch if
+        installed. `backend` picks onnxruntime or torch for the CNN;
         `grounded` False ignores the concept and evidence heads (plain Show, Attend and Tell); `threads` caps
         onnxruntime's encoder threads (None: one per core)."""
         rt = open_runtime(Path(path) if path is not None else default_model_path(), runtime, int8=int8,
