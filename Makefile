@@ -46,10 +46,11 @@ data: install
 features: data
 	$(VENV)/bin/captioner features $(WORK)
 
+# The shipped model's recipe: 15 cross-entropy epochs with concept input (22 min on 2 cores with native bf16),
 train: features
-	$(VENV)/bin/captioner train $(WORK) --out runs/flickr8k --config configs/flickr8k.toml
+	$(VENV)/bin/captioner train $(WORK) --out runs/flickr8k --config configs/flickr8k-concepts.toml
 
-# After `make train`: self-critical fine-tuning of its best checkpoint (12 epochs; ~4 min on a GPU, ~1 h on 2 cores).
+# then self-critical fine-tuning of its best checkpoint (12 epochs; 25 min on those 2 cores, minutes on a GPU).
 scst: install
 	$(VENV)/bin/captioner train $(WORK) --out runs/scst --init runs/flickr8k/best.safetensors --scst \
 		--config configs/flickr8k-scst.toml

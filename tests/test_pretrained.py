@@ -104,3 +104,21 @@ def test_captions_with_torch_unimportable(folder, tmp_path):
     runtime, text, torch_loaded = json.loads(out.splitlines()[-1])
     assert runtime == "onnx" and not torch_loaded
     assert text == Captioner.load(folder, runtime="onnx").caption(EXAMPLES[0]).text
+
+
+def test_decoder_options_export_to_the_same_outputs(tmp_path):
+    """A decoder with concept input and attention on attention exports to graphs that match torch (checked by
+    save_pretrained at another batch size than traced)."""
+    from captioner.checkpoint import save_checkpoint
+    from captioner.config import Config
+    from captioner.data.vocab import Vocabulary
+    from captioner.model import ShowAttendTell
+    config = Config(concept_input=True, aoa=True, embed_dim=32, project_dim=32, attention_dim=16, decoder_dim=32)
+    vocab = Vocabulary(list(Vocabulary.SPECIALS) + ["a", "cat", "on", "sofa"])
+    model = ShowAttendTell(config, len(vocab))
+    model.load_imagenet()
+    save_checkpoint(tmp_path / "m.safetensors", model, vocab, config, {})
+    check = save_pretrained(tmp_path / "m.safetensors", tmp_path / "folder")["onnx_check"]
+    assert {"decoder_init", "decoder_step"} <= set(check["max_abs_error"])
+    assert max(check["max_abs_error"].values()) <= check["tolerance"]
+    assert Captioner.load(tmp_path / "folder", runtime="onnx").caption(EXAMPLES[0]).text

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.config import Config
 from captioner.data.datasets import load_prepared
-from captioner.decode import BAD_ENDINGS, greedy, sample
+from captioner.decode import BAD_ENDINGS, decode, greedy, sample
 from captioner.features.store import FeatureStore
 from captioner.train import train
 
@@ -197,12 +197,12 @@ def test_checkpoint_round_trip_and_refusals(tiny_workdir, tmp_path):
 
 
 def test_precision_chooses_bf16_for_cross_entropy_where_native(tiny_workdir, tmp_path):
-    """precision "auto": bf16 autocast for cross-entropy on a CPU with native bf16, float32 for self-critical
-    training on a CPU; an unknown value is refused. A bf16 run trains and its checkpoint holds float32 weights."""
+    """precision "auto": bf16 autocast on a CPU with native bf16 (cross-entropy and self-critical), else float32;
+    an unknown value is refused. A bf16 run trains and its checkpoint holds float32 weights."""
     from captioner.train import use_bf16
     cpu = torch.device("cpu")
     native = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
-    assert use_bf16(Config(), cpu) == native and not use_bf16(Config(objective="scst"), cpu)
+    assert use_bf16(Config(), cpu) == use_bf16(Config(objective="scst"), cpu) == native
     assert use_bf16(Config(precision="bf16", objective="scst"), cpu) and not use_bf16(Config(precision="fp32"), cpu)
     with pytest.raises(ValueError, match="precision 'fp16'"):
         use_bf16(Config(precision="fp16"), cpu)
@@ -210,3 +210,24 @@ def test_precision_chooses_bf16_for_cross_entropy_where_native(tiny_workdir, tmp
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     ckpt = load_checkpoint(tmp_path / "bf16" / "best.safetensors")
     assert ckpt.config.precision == "bf16" and ckpt.model.out.weight.dtype == torch.float32
+
+
+def test_concept_input_reads_the_frozen_imagenet_classifier(tiny_workdir, tmp_path):
+    """concept_input: the encoder's ImageNet classifier is copied in, stays frozen while the decoder learns to read
+    its output, travels in the checkpoint, and attention maps still cover the grid alone."""
+    from captioner.features.encoder import pretrained_net
+    fc = pretrained_net("lite2")._fc
+    history = train(tiny_workdir, tmp_path / "c", Config(**TINY, epochs=3, concept_input=True), progress=False)["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    model = load_checkpoint(tmp_path / "c" / "best.safetensors").model
+    assert torch.equal(model.imagenet.weight, fc.weight) and torch.equal(model.imagenet.bias, fc.bias)
+    data = load_prepared(tiny_workdir)
+    grids = torch.from_numpy(FeatureStore.open(tiny_workdir, "lite2").get([r.image_id for r in data.split("dev")]))
+    assert model.init_state(grids)[0].shape[1] == grids.shape[1] + 1  # the concept region
+    [[caption]] = decode(model, data.vocab, grids[:1], beam_size=2, max_len=12, return_attention=True)
+    assert caption.attention.shape[1] == grids.shape[1]
+    # the decoder depends on what the classifier says: another classifier, other word scores
+    model.imagenet.weight.data = model.imagenet.weight.data.roll(1, 0)
+    changed = load_checkpoint(tmp_path / "c" / "best.safetensors").model
+    logits = [m.step(torch.tensor([data.vocab.start_id]), m.init_state(grids[:1]))[0] for m in (model, changed)]
+    assert not torch.allclose(*logits)

@@ -32,6 +32,8 @@ class Config:
     dropout: float = 0.5
     tie_weights: bool = False
     alpha_c: float = 1.0        # doubly stochastic attention regulariser
+    aoa: bool = False           # attention on attention: the attended context gated by the decoder state (model.py)
+    concept_input: bool = False  # the decoder also reads the encoder's ImageNet class probabilities (model.py)
     # training
     epochs: int = 8
     batch_size: int = 32        # images per batch; each brings all its captions
@@ -51,7 +53,7 @@ class Config:
     seed: int = 0
     num_workers: int = 0
     # "bf16": matrix products in bfloat16 (autocast; the loss and the weights stay float32); "fp32"; "auto": bf16
-    # on a GPU, and for cross-entropy on a CPU with native bf16 (2.2x faster per epoch on 2 cores, same dev scores:
+    # on a GPU and on a CPU with native bf16 (2.2x faster per cross-entropy epoch on 2 cores, same dev scores:
     # benchmarks/train_speed.py), else fp32
     precision: str = "auto"
 

@@ -4,6 +4,11 @@ Image side: a grid of R regions x C channels from a pretrained CNN (computed onc
 Text side: an LSTMCell that, at every step, attends over the regions (Bahdanau attention), gates the
 context with a scalar beta, and predicts the next word.
 
+With `concept_input` the decoder also reads what the photo shows by name (semantic attributes, Yao et al. 2017
+LSTM-A; You et al. 2016): the encoder's own frozen ImageNet classifier gives 1,000 class probabilities from the
+pooled grid, embedded into one more "region" the attention can pick when it writes a word, and into the initial
+state. ImageNet's labels come from 1.2 M photos, so they know cats, cups and pizzas Flickr8k's 6,000 barely show.
+
 Shapes: B images, N captions (several per image), R regions, C feature channels, T steps, V words.
 """
 from __future__ import annotations
@@ -53,9 +58,14 @@ class ShowAttendTell(nn.Module):
         self.project = nn.Sequential(nn.Linear(HEAD_CHANNELS if self.top else config.feature_dim, D), nn.ReLU(),
                                      nn.Dropout(config.dropout))
         self.attention = Attention(D, H, config.attention_dim)
+        if config.concept_input:
+            self.imagenet = nn.Linear(HEAD_CHANNELS, 1000).requires_grad_(False)  # load_imagenet() fills it
+            self.concept_embed = nn.Sequential(nn.Linear(1000, D), nn.ReLU(), nn.Dropout(config.dropout))
         self.init_h = nn.Linear(D, H)
         self.init_c = nn.Linear(D, H)
         self.beta = nn.Linear(H, 1)  # the gating scalar: how much the image matters for this word
+        if config.aoa:  # attention on attention (Huang et al. 2019): an information vector and a gate from [context; h]
+            self.aoa = nn.Linear(D + H, 2 * D)
         self.embed = nn.Embedding(vocab_size, config.embed_dim)
         self.lstm = nn.LSTMCell(config.embed_dim + D, H)
         self.dropout = nn.Dropout(config.dropout)
@@ -72,11 +82,22 @@ class ShowAttendTell(nn.Module):
         if not self.config.tie_weights:
             nn.init.uniform_(self.out.weight, -0.1, 0.1)
 
+    def load_imagenet(self) -> None:
+        """Copy the pretrained Lite2 classifier into a new concept-input model (its checkpoints carry it)."""
+        from captioner.features.encoder import pretrained_net
+        self.imagenet.load_state_dict(pretrained_net("lite2")._fc.state_dict())
+
     def init_state(self, features: torch.Tensor) -> State:
         """Everything that depends only on the image, computed once per image: (B,R,C) -> State."""
-        values = self.project(features if self.top is None else self.top(features))
-        keys = self.attention.key(values)
+        grid = features if self.top is None else self.top(features)
+        values = self.project(grid)
         mean = values.mean(dim=1)
+        if self.config.concept_input:
+            concepts = torch.softmax(self.imagenet(grid[..., :HEAD_CHANNELS].float().mean(1)), 1)
+            semantic = self.concept_embed(concepts.to(values.dtype))
+            values = torch.cat([values, semantic.unsqueeze(1)], 1)  # the last region: the named concepts
+            mean = mean + semantic
+        keys = self.attention.key(values)
         return values, keys, torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))
 
     @staticmethod
@@ -91,9 +112,13 @@ class ShowAttendTell(nn.Module):
         """One word: previous tokens (N,) -> logits (N,V), attention (N,R), next state."""
         values, keys, h, c = state
         context, alpha = self.attention(values, keys, h)
+        if self.config.aoa:
+            context = F.glu(self.aoa(torch.cat([context, h], 1)), dim=1)  # information * sigmoid(gate)
         context = torch.sigmoid(self.beta(h)) * context
         h, c = self.lstm(torch.cat([self.embed(tokens), context], dim=1), (h, c))
         logits = self.out(self.dropout(h))
+        if self.config.concept_input:
+            alpha = alpha[:, :-1]  # attention maps show the grid; the concept region has no place in it
         return logits, alpha, (values, keys, h, c)
 
     def forward(self, features: torch.Tensor, captions: torch.Tensor, image_index: torch.Tensor):
