@@ -53,10 +53,9 @@ class Grounding(nn.Module):
     @classmethod
     def from_encoder(cls, settings: GroundingSettings | None = None, centroids: int = 0) -> "Grounding":
         """Untrained evidence head, ImageNet classifier copied from the pretrained Lite2."""
-        from captioner.features.encoder import pretrained_net
+        from captioner.features.encoder import imagenet_classifier
         g = cls(settings=settings, centroids=centroids)
-        fc = pretrained_net("lite2")._fc
-        g.imagenet.load_state_dict(fc.state_dict())
+        g.imagenet.load_state_dict(imagenet_classifier())
         return g
 
     def settings_dict(self) -> dict:

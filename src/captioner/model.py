@@ -84,8 +84,8 @@ class ShowAttendTell(nn.Module):
 
     def load_imagenet(self) -> None:
         """Copy the pretrained Lite2 classifier into a new concept-input model (its checkpoints carry it)."""
-        from captioner.features.encoder import pretrained_net
-        self.imagenet.load_state_dict(pretrained_net("lite2")._fc.state_dict())
+        from captioner.features.encoder import imagenet_classifier
+        self.imagenet.load_state_dict(imagenet_classifier())
 
     def init_state(self, features: torch.Tensor) -> State:
         """Everything that depends only on the image, computed once per image: (B,R,C) -> State."""

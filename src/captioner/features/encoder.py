@@ -120,6 +120,12 @@ def pretrained_net(base: str, input_size: int | None = None):
                                             image_size=input_size or BASES[base][0]).eval()
 
 
+def imagenet_classifier(base: str = "lite2") -> dict:
+    """The pretrained network's ImageNet classifier (1,280 -> 1,000) as a state dict: the layer after the grid,
+    which the grounding heads and a concept-input decoder both copy."""
+    return pretrained_net(base)._fc.state_dict()
+
+
 def _torch_grid_model(spec: EncoderSpec):
     """The pretrained CNN trunk wrapped to return (B, R, C): both backends run exactly this."""
     import torch
