@@ -38,7 +38,7 @@ VARIANTS = {
     "no \"Probably\" under confidence 0.4": dict(hedge_below=0.0),
     "no missed object added": dict(add_concepts=1.01, add_unfamiliar=1.01),
     "missed objects added from 0.2 on unfamiliar photos": dict(add_unfamiliar=0.2),
-    "\"Image may contain\" lists concepts from 0.2 (not 0.3)": dict(maybe_above=0.2),
+    "a sentence naming nothing says the concepts from 0.2 (not 0.3)": dict(maybe_above=0.2),
     "concept words favoured by 3 x their probability (not 1 x)": dict(boost=3.0),
 }
 

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from captioner.beam import REPEAT_PENALTY, beam_search
 from captioner.config import Config
 from captioner.data.vocab import Vocabulary
 from captioner.decode import decode, greedy
@@ -68,6 +69,28 @@ def test_no_end_within_max_len_still_returns_a_caption():
         out = decode(model, VOCAB, feats(2), beam_size=k, max_len=5, block_trigrams=False)
         assert all(len(h[0].tokens) == 5 for h in out)
     assert len(greedy(model, VOCAB, feats(), max_len=5, block_trigrams=False)[0].tokens) == 5
+
+
+def test_a_word_said_again_costs_the_repeat_penalty_in_both_searches():
+    vocab = Vocabulary(list(Vocabulary.SPECIALS) + ["white", "bus"])
+    white, bus = vocab.stoi["white"], vocab.stoi["bus"]
+    model = TableModel({1: {white: 0.6, bus: 0.4}, white: {white: 0.6, bus: 0.4}, bus: {bus: 0.6, 2: 0.4}})
+    model.vocab_size = len(vocab)
+    # "white" may repeat for free (beam.REPEATABLE); "bus" again costs REPEAT_PENALTY, more than its lead over <end>
+    # (a fourth "white" or "bus" would repeat a trigram)
+    assert greedy(model, vocab, feats())[0].tokens == ["white"] * 3 + ["bus"]
+    assert greedy(model, vocab, feats(), repeat_penalty=0.0)[0].tokens == ["white"] * 3 + ["bus"] * 3
+    hyps = decode(model, vocab, feats(), beam_size=5, n_best=5)[0]
+    scores = {" ".join(h.tokens): h.score for h in hyps}
+    assert scores["bus"] == pytest.approx(math.log(0.4 * 0.4), abs=1e-5)
+    assert scores["bus bus"] == pytest.approx(math.log(0.4 * 0.6 * 0.4) - REPEAT_PENALTY, abs=1e-5)
+
+    def step(tokens, state):  # the torch-free search over the same table
+        logits, alpha, state = model.step(torch.from_numpy(tokens), state)
+        return logits.numpy(), alpha.numpy(), state
+    out = beam_search(step, lambda s, rows: model.select_state(s, torch.as_tensor(rows)), model.init_state(feats()),
+                      vocab, 1, beam_size=5, n_best=5)[0]
+    assert [(h.tokens, pytest.approx(h.score, abs=1e-5)) for h in out] == [(h.tokens, h.score) for h in hyps]
 
 
 def test_trigram_blocking_stops_repetition():

@@ -79,8 +79,13 @@ def test_describe_says_less_when_unsure():
     assert weak["text"] == "Probably a dog runs" and weak["confidence"] == pytest.approx(0.3)
     # a sentence naming nothing on an unfamiliar photo (its subjects were forbidden): the ImageNet concepts
     tags = g.describe("a black and white is sitting", _concepts(g, cat=0.9, rocket=0.2), _evidence())
-    assert tags["text"] == "Image may contain: cat" and tags["confidence"] == pytest.approx(0.9)
+    assert tags["text"] == "a photo of a cat" and tags["confidence"] == pytest.approx(0.9)
     assert tags["concepts"][0] == {"word": "cat", "p": 0.9}
+    # several, most probable first, each with its article (none for what is uncounted or plural); weakly: hedged
+    food = g.describe("a black and white is sitting", _concepts(g, apple=0.8, coffee=0.6, skis=0.5), _evidence())
+    assert food["text"] == "a photo of an apple and coffee and skis"
+    weak = g.describe("a black and white is sitting", _concepts(g, bus=0.35), _evidence())
+    assert weak["text"] == "Probably a photo of a bus" and weak["confidence"] == pytest.approx(0.35)
     # ... and with no probable concept, it says it is unsure
     unsure = g.describe("a black and white is sitting", none, _evidence())
     assert unsure["text"] == "Not sure what this photo shows" and unsure["confidence"] == 0

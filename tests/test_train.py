@@ -6,8 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from pycocoevalcap.bleu.bleu import Bleu
 from safetensors.torch import load_file
 
 from captioner.checkpoint import load_checkpoint, save_checkpoint
@@ -15,7 +17,7 @@ from captioner.config import Config
 from captioner.data.datasets import load_prepared
 from captioner.decode import BAD_ENDINGS, decode, greedy, sample
 from captioner.features.store import FeatureStore
-from captioner.train import train
+from captioner.train import Reward, train
 
 TINY = dict(embed_dim=64, project_dim=64, attention_dim=32, decoder_dim=64, dropout=0.0, batch_size=2,
             lr=1e-2, warmup_steps=5, weight_decay=0.0, patience=100, num_workers=0)
@@ -136,9 +138,38 @@ def test_scst_raises_the_cider_reward(one_caption_workdir, xent_model, tmp_path,
     assert ckpt.config.objective == "scst" and ckpt.meta["init"] == str(xent_model)
 
 
+def test_reward_mix_adds_sentence_bleu4_to_cider_d():
+    refs = {"a": ["a dog runs on the grass", "a brown dog is running outside"],
+            "b": ["a man rides a red bike", "a person on a bicycle"], "c": ["two children play in the water"] * 2}
+    texts, ids = ["a dog runs on the grass", "a man rides a bike", "a dog runs on the grass"], ["a", "b", "c"]
+    cider_only, mixed = Reward(refs).scores(texts, ids), Reward(refs, bleu_weight=0.5).scores(texts, ids)
+    bleu4 = Bleu(4).compute_score({str(k): refs[i] for k, i in enumerate(ids)},
+                                  {str(k): [t] for k, t in enumerate(texts)}, verbose=0)[1][3]
+    assert cider_only[0] > cider_only[2] > -1e-9  # CIDEr-D alone: the caption of another image earns nothing
+    assert mixed == pytest.approx(cider_only + 0.5 * np.array(bleu4))
+    assert bleu4[0] == pytest.approx(1.0) and bleu4[2] < 1e-6
+
+
 def test_killed_and_resumed_scst_run_ends_with_the_same_weights(tiny_workdir, xent_model, tmp_path):
     assert_killed_and_resumed_equals_straight(tmp_path, lambda out, extra=(): _train_cmd(
         tiny_workdir, out, extra, init=xent_model, objective="scst", lr=1e-3))
+
+
+def test_pseudo_captions_add_a_teacher_caption_to_half_the_train_photos(one_caption_workdir, xent_model, tmp_path):
+    out = tmp_path / "self"
+    tool = Path(__file__).resolve().parents[1] / "tools" / "pseudo_captions.py"
+    subprocess.run([sys.executable, str(tool), str(xent_model), "--work", str(one_caption_workdir), "--out", str(out)],
+                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    before, after = load_prepared(one_caption_workdir), load_prepared(out)
+    added = {r.image_id: after.tokens[r.image_id][-1] for r in after.records
+             if len(after.tokens[r.image_id]) > len(before.tokens[r.image_id])}
+    train_ids = {r.image_id for r in before.split("train")}
+    assert set(added) <= train_ids and len(added) == len(train_ids) // 2
+    assert all(after.tokens[r.image_id][:-1 if r.image_id in added else None] == before.tokens[r.image_id]
+               and r.captions == b.captions for r, b in zip(after.records, before.records))
+    assert all(toks and all(w in after.vocab for w in toks) for toks in added.values())
+    assert after.vocab == before.vocab and len(FeatureStore.open(out, "lite2")) == len(before.records)
+    train(out, tmp_path / "run", Config(**TINY, epochs=1, precision="fp32"), progress=False)  # it trains
 
 
 def test_scst_refusals(tiny_workdir, xent_model, tmp_path):

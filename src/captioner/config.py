@@ -50,6 +50,7 @@ class Config:
     objective: str = "xent"
     scst_samples: int = 5       # captions sampled per image
     scst_baseline: str = "mean"  # "mean" of the image's other samples, or its "greedy" caption
+    scst_bleu_weight: float = 0.0  # reward = CIDEr-D + this x sentence BLEU-4 (issue 21, lever 5b)
     seed: int = 0
     num_workers: int = 0
     # "bf16": matrix products in bfloat16 (autocast; the loss and the weights stay float32); "fp32"; "auto": bf16

@@ -2,16 +2,17 @@
 self-critical training.
 
 All three take the same decoder step, `next_logprobs` (the model's next-word log-probabilities with the
-banned words cut out, plus a per-image word bias and trigram blocking), and differ only in which words they
-keep. Beams live in the batch dimension (rows = images x beams) so one `model.step` call advances every
-hypothesis of every image at once; images whose search is over leave the batch.
+banned words cut out, plus a per-image word bias, trigram blocking and the cost of repeating a word), and
+differ only in which words they keep. Beams live in the batch dimension (rows = images x beams) so one
+`model.step` call advances every hypothesis of every image at once; images whose search is over leave the batch.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from captioner.beam import BAD_ENDINGS, Caption  # noqa: F401  (Caption: the result type of every search)
+# Caption: the result type of every search
+from captioner.beam import BAD_ENDINGS, REPEAT_PENALTY, Caption, repeat_costs  # noqa: F401
 from captioner.data.vocab import Vocabulary
 from captioner.model import ShowAttendTell
 
@@ -40,23 +41,24 @@ class Ensemble(torch.nn.Module):
         return probs.log(), alpha, [o[2] for o in outs]
 
 
-def bad_ending_ids(vocab: Vocabulary, device=None) -> torch.Tensor:
-    return torch.tensor(sorted(vocab.stoi[w] for w in BAD_ENDINGS if w in vocab.stoi), dtype=torch.long,
-                        device=device)
+def bad_ending_mask(vocab: Vocabulary, device=None) -> torch.Tensor:
+    """(V,) True for the BAD_ENDINGS words: a lookup table, cheaper per step than a set-membership test."""
+    mask = torch.zeros(len(vocab), dtype=torch.bool, device=device)
+    mask[[vocab.stoi[w] for w in BAD_ENDINGS if w in vocab.stoi]] = True
+    return mask
 
 
 def banned_words(vocab: Vocabulary, vocab_size: int, last: torch.Tensor, may_end: bool, *,
                  suppress_unk: bool = True, bad_ends: torch.Tensor | None = None) -> torch.Tensor:
     """(rows, V) True where a word may not come next, given the previous words `last` (rows,): <pad>,
-    <start>, <unk> (when suppressed), and <end> as the first word or right after a BAD_ENDINGS word."""
-    ban = torch.zeros(vocab_size, dtype=torch.bool, device=last.device)
-    ban[[vocab.pad_id, vocab.start_id]] = True
-    ban[vocab.unk_id] = suppress_unk
-    ban = ban.expand(len(last), -1).clone()
+    <start>, <unk> (when suppressed), and <end> as the first word or right after a word `bad_ends` (V,) marks."""
+    ban = torch.zeros((len(last), vocab_size), dtype=torch.bool, device=last.device)
+    ban[:, [vocab.pad_id, vocab.start_id]] = True
+    ban[:, vocab.unk_id] = suppress_unk
     if not may_end:  # an empty caption describes nothing
         ban[:, vocab.end_id] = True
-    elif bad_ends is not None and len(bad_ends):
-        ban[torch.isin(last, bad_ends), vocab.end_id] = True
+    elif bad_ends is not None:
+        ban[:, vocab.end_id] = bad_ends[last]
     return ban
 
 
@@ -75,14 +77,16 @@ def _block_repeated_trigrams(logp: torch.Tensor, seqs: list[list[int]]) -> None:
 
 def next_logprobs(model: ShowAttendTell, vocab: Vocabulary, tokens: torch.Tensor, state, *, may_end: bool,
                   suppress_unk: bool = True, bad_ends: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                  history: list[list[int]] | None = None, force_end: bool = False, renormalise: bool = False):
+                  history: list[list[int]] | None = None, said: torch.Tensor | None = None,
+                  repeat_cost: torch.Tensor | None = None, force_end: bool = False, renormalise: bool = False):
     """One decoder step for every row: previous words `tokens` (rows,) -> (log-probabilities (rows, V) of the
     next word with the banned words at -inf, attention (rows, R), next state).
 
     `bias` (rows, V) is added to the log-probabilities (grounded decoding); `history` (the words of each row so
-    far) blocks repeated trigrams; `force_end` bans everything but <end>. Searches rank by the model's
-    probabilities with the banned words cut out; sampling (`renormalise`) draws from a distribution over the
-    allowed words alone, so the ban is applied before the softmax and the result stays differentiable."""
+    far) blocks repeated trigrams; `repeat_cost` (V,) is charged for the words each row has `said` (rows, V)
+    already; `force_end` bans everything but <end>. Searches rank by the model's probabilities with the banned
+    words cut out; sampling (`renormalise`) draws from a distribution over the allowed words alone, so the ban
+    is applied before the softmax and the result stays differentiable."""
     logits, alpha, state = model.step(tokens, state)
     if force_end:
         ban = torch.ones(logits.size(1), dtype=torch.bool, device=logits.device)
@@ -95,9 +99,15 @@ def next_logprobs(model: ShowAttendTell, vocab: Vocabulary, tokens: torch.Tensor
         logp = torch.log_softmax(logits.float(), dim=1).masked_fill_(ban, -float("inf"))
     if bias is not None:
         logp += bias
+    if said is not None and repeat_cost is not None:
+        logp -= said * repeat_cost
     if history is not None:
         _block_repeated_trigrams(logp, history)
     return logp, alpha, state
+
+
+def _costs(vocab: Vocabulary, penalty: float, device) -> torch.Tensor | None:
+    return torch.from_numpy(repeat_costs(vocab, penalty)).to(device) if penalty else None
 
 
 # --- greedy ------------------------------------------------------------------------------------------
@@ -105,9 +115,11 @@ def next_logprobs(model: ShowAttendTell, vocab: Vocabulary, tokens: torch.Tensor
 @torch.no_grad()
 def greedy(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, max_len: int = 30,
            min_len: int = 1, suppress_unk: bool = True, block_trigrams: bool = True,
-           block_bad_endings: bool = True, bias: torch.Tensor | None = None) -> list[Caption]:
+           block_bad_endings: bool = True, bias: torch.Tensor | None = None,
+           repeat_penalty: float = REPEAT_PENALTY) -> list[Caption]:
     """The most likely word at every step. Plain and fast; used for dev scoring during training.
-    `bias` (B, V) is added to each image's word log-probabilities (grounding.Grounding.word_bias)."""
+    `bias` (B, V) is added to each image's word log-probabilities (grounding.Grounding.word_bias); a word
+    said again costs `repeat_penalty` (beam.REPEATABLE words excepted; with `block_trigrams` only)."""
     model.eval()
     B = features.size(0)
     state = model.init_state(features)
@@ -115,13 +127,16 @@ def greedy(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, 
     seqs: list[list[int]] = [[] for _ in range(B)]
     scores = [0.0] * B
     alive = list(range(B))  # image of each remaining row
-    bad_ends = bad_ending_ids(vocab, features.device) if block_bad_endings else None
+    bad_ends = bad_ending_mask(vocab, features.device) if block_bad_endings else None
+    costs = _costs(vocab, repeat_penalty, features.device) if block_trigrams else None
+    said = torch.zeros((B, model.vocab_size), dtype=torch.bool, device=features.device)
     for t in range(max_len):
         logp, _, state = next_logprobs(
             model, vocab, tokens, state, may_end=t >= min_len, suppress_unk=suppress_unk, bad_ends=bad_ends,
             bias=None if bias is None else bias.to(features.device)[alive],
-            history=[seqs[i] for i in alive] if block_trigrams else None)
+            history=[seqs[i] for i in alive] if block_trigrams else None, said=said[alive], repeat_cost=costs)
         best, words = logp.max(dim=1)
+        said[alive, words] = True
         keep = []
         for row, (img, w, s) in enumerate(zip(alive, words.tolist(), best.tolist())):
             scores[img] += s
@@ -174,6 +189,7 @@ class _Beams:
         self.scores = torch.full((B, K), -float("inf"), device=device)
         self.scores[:, 0] = 0.0
         self.seqs = torch.zeros((B * K, 0), dtype=torch.long, device=device)
+        self.said = torch.zeros((B * K, self.V), dtype=torch.bool, device=device)  # the words in each row's seqs
         self.attn = torch.zeros((B * K, 0, features.size(1)), device=device)
         self.images = list(range(B))  # original image of each block still searching
 
@@ -200,6 +216,8 @@ class _Beams:
         src_rows = (blocks.unsqueeze(1) * K + beam.gather(1, keep)).view(-1)
         self.tokens = word.gather(1, keep).view(-1)
         self.seqs = torch.cat([self.seqs.index_select(0, src_rows), self.tokens.unsqueeze(1)], 1)
+        self.said = self.said.index_select(0, src_rows)
+        self.said[torch.arange(len(self.tokens), device=self.device), self.tokens] = True
         if self.keep_attention:
             self.attn = torch.cat([self.attn.index_select(0, src_rows),
                                    alpha.index_select(0, src_rows).unsqueeze(1)], 1)
@@ -229,7 +247,7 @@ class _Beams:
         self.images = [self.images[b] for b in blocks]
         self.scores = self.scores[blocks]
         self.state = self.model.select_state(self.state, rows, torch.tensor(blocks, device=self.device))
-        self.tokens, self.seqs = self.tokens[rows], self.seqs[rows]
+        self.tokens, self.seqs, self.said = self.tokens[rows], self.seqs[rows], self.said[rows]
         if self.keep_attention:
             self.attn = self.attn[rows]
         return True
@@ -239,24 +257,27 @@ class _Beams:
 def decode(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, beam_size: int = 1,
            max_len: int = 30, min_len: int = 1, n_best: int = 1, length_norm: float = 0.0,
            suppress_unk: bool = True, block_trigrams: bool = True, block_bad_endings: bool = True,
-           return_attention: bool = False, bias: torch.Tensor | None = None) -> list[list[Caption]]:
+           return_attention: bool = False, bias: torch.Tensor | None = None,
+           repeat_penalty: float = REPEAT_PENALTY) -> list[list[Caption]]:
     """Beam search over a batch of images; returns, per image, the n best captions best first.
 
     A hypothesis ends when it emits <end>; an image is done once it has `beam_size` ended ones.
     If none ended within max_len, its best unfinished hypotheses are returned, so every image gets a
     caption of at least `min_len` words. `length_norm` a ranks by score / (words + 1) ** a (0 = raw
-    log-probability). `bias` (B, V) is added to each image's word log-probabilities (grounded decoding).
+    log-probability). `bias` (B, V) is added to each image's word log-probabilities (grounded decoding); a word
+    said again costs `repeat_penalty` (beam.REPEATABLE words excepted; with `block_trigrams` only).
     """
     model.eval()
     beams = _Beams(model, vocab, features, beam_size, return_attention)
     finished = _Finished(features.size(0), beam_size, length_norm)
-    bad_ends = bad_ending_ids(vocab, features.device) if block_bad_endings else None
+    bad_ends = bad_ending_mask(vocab, features.device) if block_bad_endings else None
+    costs = _costs(vocab, repeat_penalty, features.device) if block_trigrams else None
     for t in range(max_len):
         logp, alpha, beams.state = next_logprobs(
             model, vocab, beams.tokens, beams.state, may_end=t >= min_len, suppress_unk=suppress_unk,
             bad_ends=bad_ends,
             bias=None if bias is None else bias.to(features.device)[beams.images].repeat_interleave(beam_size, 0),
-            history=beams.seqs.tolist() if block_trigrams and t >= 2 else None)
+            history=beams.seqs.tolist() if block_trigrams and t >= 2 else None, said=beams.said, repeat_cost=costs)
         beams.advance(logp, alpha, finished)
         if t == max_len - 1:
             beams.finish_live(finished)
@@ -277,7 +298,7 @@ def sample(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, n: 
     B, device = features.size(0), features.device
     state = model.select_state(model.init_state(features), torch.arange(B, device=device).repeat_interleave(n))
     tokens = torch.full((B * n,), vocab.start_id, dtype=torch.long, device=device)
-    bad_ends = bad_ending_ids(vocab, device)
+    bad_ends = bad_ending_mask(vocab, device)
     alive = torch.ones(B * n, dtype=torch.bool, device=device)
     words, logps, masks = [], [], []
     for t in range(max_len + 1):  # max_len words, then <end> is forced

@@ -151,11 +151,12 @@ class Describer:
     def describe(self, caption: str, concepts, evidence, familiar: bool = True) -> dict:
         """One image: the text to say, its confidence and the tags. `caption` is the grounded decoder's sentence.
 
-        - It names an object: said as it is, with the most evident object it misses added ("... with a cup"),
-          and "Probably ..." before it when its confidence is under `hedge_below`.
+        - It names an object: said as it is, with the most evident object it misses added ("... with a cup").
         - It names nothing: every subject it wanted was forbidden, so it comes out broken ("a black and white is
           sitting"); only the ImageNet concepts are said, which are precise where the Flickr8k-trained evidence
-          is not: "Image may contain: pizza, plate", else `unsure_text`."""
+          is not: "a photo of a pizza and a plate" (a sentence, not a list: it reads and sounds like the
+          others), else `unsure_text`.
+        Either way "Probably ..." goes before it when its confidence is under `hedge_below`."""
         s = self.settings
         concepts, evidence = np.asarray(concepts), np.asarray(evidence)
         tags = self.tags(concepts, evidence, s.say_less_below)
@@ -163,7 +164,7 @@ class Describer:
         if not named:
             sure = sorted(((w, p) for w, p in zip(self.words, concepts.tolist()) if p >= s.maybe_above),
                           key=lambda t: -t[1])[:3]
-            text = "Image may contain: " + ", ".join(w for w, _ in sure) if sure else s.unsure_text
+            text = "a photo of " + " and ".join(_article(w) for w, _ in sure) if sure else s.unsure_text
             confidence = sure[0][1] if sure else 0.0
         else:
             add = s.add_concepts if familiar else s.add_unfamiliar
@@ -171,13 +172,18 @@ class Describer:
                              if p >= add and c not in named and c != "person")
             text = caption + (f" with {_article(CLASS_WORD.get(missing[-1][1], missing[-1][1]))}" if missing else "")
             confidence = self.confidence(text, evidence)
-            if confidence < s.hedge_below:
-                text = "Probably " + text
+        if confidence < s.hedge_below and text != s.unsure_text:
+            text = "Probably " + text
         return {"text": text, "confidence": round(confidence, 4),
                 "concepts": [{"word": w, "p": round(p, 4)} for w, p in tags]}
 
 
+# concept and class words said without "a": what is uncounted, and what comes in pairs or piles
+MASS_NOUNS = frozenset("food coffee meat bread pasta soup cream corn wine beer broccoli cauliflower cabbage coral".split())
+PLURALS = frozenset("books skis sunglasses binoculars scissors".split())
+
+
 def _article(word: str) -> str:
-    if word.endswith("s") and not word.endswith("ss"):
+    if word in MASS_NOUNS or word in PLURALS:
         return word
     return ("an " if word[0] in "aeiou" else "a ") + word

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
+from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 from tqdm import tqdm
 
 from captioner.checkpoint import load_checkpoint, save_checkpoint
@@ -77,17 +78,34 @@ def dev_scores(model, data: PreparedData, store: FeatureStore, split: str = "dev
 
 # --- self-critical sequence training -----------------------------------------------------------
 
-def scst_loss(model, vocab, feats, image_ids: list[str], cider: CiderD, config: Config):
-    """REINFORCE with a baseline: sampled captions that beat the baseline's CIDEr-D become more likely.
+class Reward:
+    """The self-critical reward of a caption: CIDEr-D, plus `bleu_weight` x its sentence BLEU-4 (pycocoevalcap's
+    scorer) when the config mixes them in. References are PTB-tokenised; document frequencies come from them."""
+
+    def __init__(self, references: dict[str, list[str]], bleu_weight: float = 0.0):
+        self.cider, self.references, self.bleu_weight = CiderD(references), references, bleu_weight
+
+    def scores(self, texts: list[str], image_ids: list[str]) -> np.ndarray:
+        reward = self.cider.scores(texts, image_ids)
+        if self.bleu_weight:
+            bleu = BleuScorer(n=4)
+            for text, image_id in zip(texts, image_ids):
+                bleu += (text, self.references[image_id])
+            reward = reward + self.bleu_weight * np.asarray(bleu.compute_score(option="closest", verbose=0)[1][3])
+        return reward
+
+
+def scst_loss(model, vocab, feats, image_ids: list[str], reward_of: Reward, config: Config):
+    """REINFORCE with a baseline: sampled captions that beat the baseline's reward become more likely.
     Returns (loss, mean reward, mean baseline)."""
     n = config.scst_samples
     words, logp, mask = sample(model, vocab, feats, n, max_len=config.max_len)
     texts = [ptb_tokenize(" ".join(vocab.decode(row))) for row in words.tolist()]
-    reward = cider.scores(texts, [i for i in image_ids for _ in range(n)]).reshape(-1, n)
+    reward = reward_of.scores(texts, [i for i in image_ids for _ in range(n)]).reshape(-1, n)
     if config.scst_baseline == "greedy":  # Rennie et al.: the test-time caption is the bar to beat
         caps = greedy(model, vocab, feats, max_len=config.max_len)
         model.train()
-        baseline = cider.scores([ptb_tokenize(c.text) for c in caps], image_ids)[:, None].repeat(n, 1)
+        baseline = reward_of.scores([ptb_tokenize(c.text) for c in caps], image_ids)[:, None].repeat(n, 1)
     else:  # the mean of the image's other samples (Luo 2020): no extra decoding, lower variance
         baseline = (reward.sum(1, keepdims=True) - reward) / (n - 1)
     advantage = torch.as_tensor((reward - baseline).reshape(-1, 1), dtype=logp.dtype, device=logp.device)
@@ -155,7 +173,7 @@ def write_logs(rundir: Path, history: list[dict]) -> None:
     import matplotlib.pyplot as plt
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (("train_loss", "train cross-entropy"), ("train_reward", "train CIDEr-D of samples"),
+    for key, label in (("train_loss", "train cross-entropy"), ("train_reward", "train reward of samples"),
                        ("train_baseline", "baseline")):
         if key in history[-1]:
             ax1.plot([h["epoch"] for h in history if key in h], [h[key] for h in history if key in h], "o-",
@@ -227,7 +245,7 @@ class Run:
     lengths: list[int]              # caption length of each training image, for batching
     steps_per_epoch: int
     meta: dict                      # what every checkpoint's metadata says about the run
-    cider: CiderD | None            # the reward of self-critical training (None: cross-entropy)
+    reward: Reward | None           # the reward of self-critical training (None: cross-entropy)
     progress: Progress
 
     @property
@@ -236,7 +254,7 @@ class Run:
 
     @property
     def scst(self) -> bool:
-        return self.cider is not None
+        return self.reward is not None
 
     @property
     def total_steps(self) -> int:
@@ -373,13 +391,13 @@ def _setup(workdir, rundir: Path, config: Config, *, init, resuming: bool, devic
     steps_per_epoch = len(epoch_batches(lengths, config.batch_size, config.seed, 0)) // world
     meta = {"name": rundir.name, "encoder": config.encoder, "input_size": spec.input_size,
             "grid": list(spec.grid), "workdir": str(workdir), "init": str(init) if init else None}
-    cider = None
+    reward = None
     if config.objective == "scst":  # document frequencies from the training references, once (as in the SCST papers)
         train_ids = set(train_set.image_ids)
-        cider = CiderD({r.image_id: [ptb_tokenize(c) for c in r.captions]
-                        for r in data.records if r.image_id in train_ids})
+        reward = Reward({r.image_id: [ptb_tokenize(c) for c in r.captions]
+                         for r in data.records if r.image_id in train_ids}, config.scst_bleu_weight)
     return Run(config, rundir, device, rank, world, data, store, train_set, model, net, optimizer, lengths,
-               steps_per_epoch, meta, cider, progress)
+               steps_per_epoch, meta, reward, progress)
 
 
 def _optimizer(model: ShowAttendTell, config: Config) -> torch.optim.Optimizer:
@@ -428,7 +446,7 @@ def train_step(run: Run, batch: list[int], feats, caps, index) -> dict[str, floa
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.bf16):
         if run.scst:
             ids = [run.train_set.image_ids[i] for i in batch]
-            loss, reward, baseline = scst_loss(run.model, run.data.vocab, feats, ids, run.cider, run.config)
+            loss, reward, baseline = scst_loss(run.model, run.data.vocab, feats, ids, run.reward, run.config)
             measured = {"reward": reward, "baseline": baseline}
         else:
             logits, alphas = run.net(feats, caps, index)
