@@ -1,4 +1,6 @@
-"""Decoding speed from cached features: greedy and beam search, batched vs one image at a time.
+"""Decoding speed from cached features: greedy and beam search, batched vs one image at a time; the torch
+search (decode.py: training, dev scoring) and the numpy search over the same torch steps (beam.py: what
+Captioner runs, runtime.TorchRuntime).
 
     python benchmarks/decode_speed.py [--model CKPT] [--work work/flickr8k] [--images 500] [--int8]
 
@@ -16,6 +18,7 @@ from captioner.decode import decode, greedy
 from captioner.features.store import FeatureStore
 from captioner.io import atomic_write_json
 from captioner.model import int8_ranges, quantize_int8
+from captioner.runtime import TorchRuntime, _torch_threads
 
 
 def timed(fn, repeats=3):
@@ -54,10 +57,23 @@ def main():
         one = feats[:args.single]
         rows["greedy, one at a time"] = timed(lambda: [greedy(model, vocab, one[i:i + 1]) for i in range(len(one))], 1) / len(one)
         rows["beam 3, one at a time"] = timed(lambda: [decode(model, vocab, one[i:i + 1], beam_size=3) for i in range(len(one))], 1) / len(one)
-    print(f"{'mode':28s} {'ms/image':>9s} {'images/s':>9s}   ({len(ids)} dev images, {torch.get_num_threads()} threads,"
+    rt = TorchRuntime(ckpt, int8=args.int8, grounded=False)
+    rt.model = model  # the same weights as above (ranges measured here for a checkpoint without them)
+    grids = feats.float().numpy()
+    one = grids[:args.single]
+    # Captioner decodes on one thread (runtime._torch_threads): both searches so, side by side
+    with _torch_threads(1), torch.inference_mode():
+        rows["beam 3, batched, 1 thread"] = timed(lambda: decode(model, vocab, feats, beam_size=3)) / len(ids)
+        rows["beam 3, one at a time, 1 thread"] = timed(
+            lambda: [decode(model, vocab, feats[i:i + 1], beam_size=3) for i in range(len(one))], 1) / len(one)
+    rows["beam 3, batched, numpy search, 1 thread"] = timed(
+        lambda: rt.decode(grids, None, beam_size=3, max_len=30, n_best=1)) / len(ids)
+    rows["beam 3, one at a time, numpy search, 1 thread"] = timed(
+        lambda: [rt.decode(one[i:i + 1], None, beam_size=3, max_len=30, n_best=1) for i in range(len(one))], 1) / len(one)
+    print(f"{'mode':44s} {'ms/image':>9s} {'images/s':>9s}   ({len(ids)} dev images, {torch.get_num_threads()} threads,"
           f" load {os.getloadavg()[0]:.1f})")
     for k, v in rows.items():
-        print(f"{k:28s} {v * 1000:9.2f} {1 / v:9.1f}")
+        print(f"{k:44s} {v * 1000:9.2f} {1 / v:9.1f}")
     atomic_write_json(args.out, {"model": str(ckpt.path), "weights": "int8" if args.int8 else "float32",
                                  "images": len(ids), "threads": torch.get_num_threads(),
                                  "loadavg": os.getloadavg()[0], "ms_per_image": {k: round(v * 1000, 3) for k, v in rows.items()}})

@@ -1,5 +1,6 @@
 """The Python API: any image-like input gives the same caption; odd and broken images are handled."""
 import io
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -10,6 +11,8 @@ from PIL import Image
 from captioner.apps.api import Captioner, CaptionResult
 from captioner.data.images import ImageError
 from captioner.features.encoder import Encoder
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +194,27 @@ def test_int8_decoder_writes_nearly_the_same_captions(captioner, model_path, fli
     ranges.pop("int8_ranges")
     old = Captioner(type(checkpoint)(**{**vars(checkpoint), "meta": ranges}), captioner.encoder)
     assert old.info["decoder_weights"] == "float32"
+
+
+@pytest.mark.parametrize("beam", [1, 3, 5])
+def test_what_people_get_is_the_training_time_search(captioner, flickr8k_root, beam):
+    """Captioner searches with beam.py's numpy beam search over the int8 torch step; decode.decode (dev scoring,
+    levers, pseudo-captions) searches in torch. Same n-best lists and scores, batched or one photo at a time,
+    with the grounding bias on."""
+    from captioner.decode import decode
+    names = (flickr8k_root / "text" / "Flickr_8k.devImages.txt").read_text().split()[:6]
+    feats = captioner.encoder.encode_images([flickr8k_root / "images" / n for n in names] +
+                                            sorted(EXAMPLES.glob("*.jpg")))
+    rt = captioner.runtime
+    concepts, evidence, familiarity = rt.heads(feats)
+    bias = captioner.describer.word_bias(concepts, evidence, captioner.describer.familiar(concepts, familiarity),
+                                         captioner.vocab.itos)
+    with torch.inference_mode():
+        want = decode(rt.model, rt.vocab, torch.from_numpy(feats), beam_size=beam, n_best=beam,
+                      bias=torch.from_numpy(bias))
+    batched = rt.decode(feats, bias, beam_size=beam, max_len=30, n_best=beam)
+    alone = [rt.decode(feats[i:i + 1], bias[i:i + 1], beam_size=beam, max_len=30, n_best=beam)[0]
+             for i in range(len(feats))]
+    for w, b, a in zip(want, batched, alone):
+        assert [h.text for h in w] == [h.text for h in b] == [h.text for h in a]
+        assert [h.score for h in b] == pytest.approx([h.score for h in w], abs=1e-4)

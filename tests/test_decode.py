@@ -88,7 +88,7 @@ def test_a_word_said_again_costs_the_repeat_penalty_in_both_searches():
     def step(tokens, state):  # the torch-free search over the same table
         logits, alpha, state = model.step(torch.from_numpy(tokens), state)
         return logits.numpy(), alpha.numpy(), state
-    out = beam_search(step, lambda s, rows: model.select_state(s, torch.as_tensor(rows)), model.init_state(feats()),
+    out = beam_search(step, lambda s, rows, images: model.select_state(s, torch.as_tensor(rows)), model.init_state(feats()),
                       vocab, 1, beam_size=5, n_best=5)[0]
     assert [(h.tokens, pytest.approx(h.score, abs=1e-5)) for h in out] == [(h.tokens, h.score) for h in hyps]
 
@@ -180,3 +180,15 @@ def test_ensemble_averages_word_probabilities():
         big = TableModel(TRAP)
         big.vocab_size += 1
         Ensemble([TableModel(TRAP), big])
+
+
+def test_the_attention_tanh_is_tanh_with_and_without_gradients():
+    from captioner.model import _tanh
+    x = torch.linspace(-30, 30, 20001, requires_grad=True)
+    y = _tanh(x)
+    y.sum().backward()
+    exact = torch.tanh(x.detach())
+    assert (y.detach() - exact).abs().max() < 1e-6
+    assert (x.grad - (1 - exact ** 2)).abs().max() < 1e-6
+    with torch.inference_mode():  # the in-place path decoding takes
+        assert (_tanh(x.detach()) - exact).abs().max() < 1e-6

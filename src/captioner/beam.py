@@ -1,11 +1,12 @@
-"""Beam search in numpy, for the torch-free runtime (runtime.py): the same search as decode.decode, over any
-decoder step that takes and returns numpy arrays (the ONNX graphs of a model folder).
+"""Beam search in numpy, the search behind every caption people get (runtime.py): the same search as
+decode.decode, over any decoder step that returns numpy arrays (the ONNX graphs of a model folder, or the int8
+torch model). With torch's step it is faster than decode.decode at batch 1: the bookkeeping of a few beams costs
+less in numpy than in torch operators (`python benchmarks/latency.py`).
 
-decode.py keeps the torch search because training needs it (greedy dev scoring, sampling with gradients) and
-the int8 torch decoder is the faster one where torch is installed; tests/test_pretrained.py checks that both
-searches give the same captions. Rules shared with decode.py: the words that may not come next (<pad>,
-<start>, <unk>, <end> first or after a BAD_ENDINGS word), repeated-trigram blocking, the cost of saying a word
-twice (`repeat_costs`), and a per-image bias.
+decode.py keeps the torch search because training needs it (greedy dev scoring, sampling with gradients);
+tests/test_api.py and tests/test_pretrained.py check that both searches give the same captions. Rules shared
+with decode.py: the words that may not come next (<pad>, <start>, <unk>, <end> first or after a BAD_ENDINGS
+word), repeated-trigram blocking, the cost of saying a word twice (`repeat_costs`), and a per-image bias.
 """
 from __future__ import annotations
 
@@ -46,8 +47,12 @@ class Caption:
         return " ".join(self.tokens)
 
 
-# step(tokens (N,), state) -> (logits (N, V), attention (N, R), next state); select(state, rows) keeps rows
+# step(tokens (N,), state) -> (logits (N, V), attention (N, R), next state)
 Step = Callable[[np.ndarray, tuple], tuple[np.ndarray, np.ndarray, tuple]]
+# select(state, rows, images) keeps hypotheses `rows` (N',) and, where `images` is not None, images `images`:
+# the blocks of K rows still searching. `images` is None while the same images search (model.select_state's
+# signature, so a state may keep per-image tensors once per image rather than once per beam).
+Select = Callable[[tuple, np.ndarray, np.ndarray | None], tuple]
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -56,13 +61,14 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _blocked(vocab, last: np.ndarray, seqs: np.ndarray, may_end: bool, bad_ends: np.ndarray, V: int) -> np.ndarray:
-    """(rows, V) True where a word may not come next (the rules of decode.banned_words and trigram blocking)."""
+    """(rows, V) True where a word may not come next (the rules of decode.banned_words and trigram blocking);
+    `bad_ends` (V,) marks the BAD_ENDINGS words."""
     ban = np.zeros((len(last), V), dtype=bool)
     ban[:, [vocab.pad_id, vocab.start_id, vocab.unk_id]] = True
     if not may_end:
         ban[:, vocab.end_id] = True
     else:
-        ban[np.isin(last, bad_ends), vocab.end_id] = True
+        ban[bad_ends[last], vocab.end_id] = True  # a table lookup: np.isin cost 0.1 ms a step
     if seqs.shape[1] >= 3:  # a word that would repeat a trigram already in the hypothesis
         for row, seq in enumerate(seqs.tolist()):
             for i in range(len(seq) - 2):
@@ -71,14 +77,14 @@ def _blocked(vocab, last: np.ndarray, seqs: np.ndarray, may_end: bool, bad_ends:
     return ban
 
 
-def beam_search(step: Step, select: Callable, state: tuple, vocab, n_images: int, *, beam_size: int = 3,
+def beam_search(step: Step, select: Select, state: tuple, vocab, n_images: int, *, beam_size: int = 3,
                 max_len: int = 30, n_best: int = 1, bias: np.ndarray | None = None,
                 return_attention: bool = False, repeat_penalty: float = REPEAT_PENALTY) -> list[list[Caption]]:
     """Per image, the n best captions best first. `state` holds one row per image; it is repeated for the
     beams here. An image is done once it has `beam_size` ended hypotheses; out of length, its live ones
     compete as they are. Scores are raw log-probabilities (decode.decode's default, length_norm 0)."""
     K = beam_size
-    state = select(state, np.repeat(np.arange(n_images), K))
+    state = select(state, np.repeat(np.arange(n_images), K), None)
     tokens = np.full(n_images * K, vocab.start_id, dtype=np.int64)
     scores = np.full((n_images, K), -np.inf, dtype=np.float32)
     scores[:, 0] = 0.0  # only the first beam is live at the start, so the K beams do not start identical
@@ -86,12 +92,13 @@ def beam_search(step: Step, select: Callable, state: tuple, vocab, n_images: int
     attn = None
     images = list(range(n_images))
     finished: list[list[tuple[float, list[int], np.ndarray | None]]] = [[] for _ in range(n_images)]
-    bad_ends = np.array(sorted(vocab.stoi[w] for w in BAD_ENDINGS if w in vocab.stoi), dtype=np.int64)
+    bad_ends = np.zeros(len(vocab), dtype=bool)
+    bad_ends[[vocab.stoi[w] for w in BAD_ENDINGS if w in vocab.stoi]] = True
     costs = repeat_costs(vocab, repeat_penalty)
     for t in range(max_len):
         logits, alpha, state = step(tokens, state)
         V = logits.shape[1]
-        logp = _log_softmax(logits.astype(np.float32))
+        logp = _log_softmax(np.asarray(logits, dtype=np.float32))
         logp[_blocked(vocab, tokens, seqs, t >= 1, bad_ends, V)] = -np.inf
         if bias is not None:
             logp += np.repeat(bias[images], K, axis=0)
@@ -118,7 +125,7 @@ def beam_search(step: Step, select: Callable, state: tuple, vocab, n_images: int
         tokens = np.take_along_axis(word, keep, 1).reshape(-1)
         seqs = np.concatenate([seqs[rows], tokens[:, None]], 1)
         attn = None if attn is None else attn[rows]
-        state = select(state, rows)
+        state = select(state, rows, None)
         if t == max_len - 1:  # out of length: the live beams of every unfinished image compete as they are
             for b, img in enumerate(images):
                 if len(finished[img]) < K:
@@ -132,7 +139,7 @@ def beam_search(step: Step, select: Callable, state: tuple, vocab, n_images: int
         if len(blocks) < len(images):
             rows = (np.array(blocks)[:, None] * K + np.arange(K)).reshape(-1)
             images, scores = [images[b] for b in blocks], scores[blocks]
-            tokens, seqs, state = tokens[rows], seqs[rows], select(state, rows)
+            tokens, seqs, state = tokens[rows], seqs[rows], select(state, rows, np.array(blocks))
             attn = None if attn is None else attn[rows]
     return [[Caption(vocab.decode(seq), score, None if att is None else att[:len(seq)])
              for score, seq, att in sorted(hyps, key=lambda h: -h[0])[:min(n_best, K)]] for hyps in finished]

@@ -1,9 +1,9 @@
 """The two decoders behind Captioner (apps/api.py): the same model, run by torch or by onnxruntime.
 
 Both take encoder grids (B, R, C) as numpy and give the grounding heads' outputs (numpy) and the n-best
-captions. Captioner chooses: torch where it is installed (its int8 decoder is the faster one at batch 1), the
-ONNX graphs of a model folder (pretrained.py) where it is not, so `pip install captioner` captions with
-onnxruntime, numpy and Pillow alone.
+captions, searched by the same numpy beam search (beam.py). Captioner chooses: torch where it is installed
+(its int8 decoder step is the faster one at batch 1), the ONNX graphs of a model folder (pretrained.py) where it
+is not, so `pip install captioner` captions with onnxruntime, numpy and Pillow alone.
 """
 from __future__ import annotations
 
@@ -50,13 +50,24 @@ class TorchRuntime:
         with _torch_threads(1), torch.inference_mode():
             return tuple(t.numpy() for t in self.grounding(torch.from_numpy(feats)))
 
-    def decode(self, feats: np.ndarray, bias: np.ndarray | None, **search) -> list[list[Caption]]:
+    def decode(self, feats: np.ndarray, bias: np.ndarray | None, *, beam_size: int, max_len: int, n_best: int,
+               return_attention: bool = False) -> list[list[Caption]]:
+        """The torch model's steps, searched by beam.beam_search like the ONNX graphs (one search for both)."""
         import torch
+        model = self.model
 
-        from captioner.decode import decode
+        def step(tokens, state):
+            logits, alpha, state = model.step(torch.from_numpy(tokens), state)
+            return logits.numpy(), alpha.numpy(), state
+
+        def select(state, rows, images):
+            return model.select_state(state, torch.from_numpy(rows),
+                                      None if images is None else torch.from_numpy(images))
+
         with _torch_threads(1), torch.inference_mode():
-            return decode(self.model, self.vocab, torch.from_numpy(feats),
-                          bias=None if bias is None else torch.from_numpy(bias), **search)
+            return beam_search(step, select, model.init_state(torch.from_numpy(feats)), self.vocab, len(feats),
+                               beam_size=beam_size, max_len=max_len, n_best=n_best, bias=bias,
+                               return_attention=return_attention)
 
 
 class OnnxRuntime:
@@ -94,7 +105,7 @@ class OnnxRuntime:
                                                          "h": state[2], "c": state[3]})
             return logits, alpha, (state[0], state[1], h, c)
 
-        return beam_search(step, lambda state, rows: tuple(s[rows] for s in state), state, self.vocab, len(feats),
+        return beam_search(step, lambda state, rows, images: tuple(s[rows] for s in state), state, self.vocab, len(feats),
                            beam_size=beam_size, max_len=max_len, n_best=n_best, bias=bias,
                            return_attention=return_attention)
 
