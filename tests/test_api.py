@@ -42,8 +42,6 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-
-
 def test_path_bytes_and_pil_image_agree(captioner, photo):
     by_path = captioner.caption(photo)
     assert by_path.caption == " ".join(by_path.tokens) and by_path.tokens

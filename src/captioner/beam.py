@@ -36,6 +36,13 @@ def repeat_costs(vocab, penalty: float = REPEAT_PENALTY) -> np.ndarray:
     return costs
 
 
+def bad_ending_table(vocab) -> np.ndarray:
+    """(V,) bool: True for the BAD_ENDINGS words (a lookup table; np.isin cost 0.1 ms a step)."""
+    table = np.zeros(len(vocab), dtype=bool)
+    table[[vocab.stoi[w] for w in BAD_ENDINGS if w in vocab.stoi]] = True
+    return table
+
+
 @dataclass
 class Caption:
     tokens: list[str]
@@ -68,7 +75,7 @@ def _blocked(vocab, last: np.ndarray, seqs: np.ndarray, may_end: bool, bad_ends:
     if not may_end:
         ban[:, vocab.end_id] = True
     else:
-        ban[bad_ends[last], vocab.end_id] = True  # a table lookup: np.isin cost 0.1 ms a step
+        ban[bad_ends[last], vocab.end_id] = True
     if seqs.shape[1] >= 3:  # a word that would repeat a trigram already in the hypothesis
         for row, seq in enumerate(seqs.tolist()):
             for i in range(len(seq) - 2):
@@ -92,8 +99,7 @@ def beam_search(step: Step, select: Select, state: tuple, vocab, n_images: int, 
     attn = None
     images = list(range(n_images))
     finished: list[list[tuple[float, list[int], np.ndarray | None]]] = [[] for _ in range(n_images)]
-    bad_ends = np.zeros(len(vocab), dtype=bool)
-    bad_ends[[vocab.stoi[w] for w in BAD_ENDINGS if w in vocab.stoi]] = True
+    bad_ends = bad_ending_table(vocab)
     costs = repeat_costs(vocab, repeat_penalty)
     for t in range(max_len):
         logits, alpha, state = step(tokens, state)

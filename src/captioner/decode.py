@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 # Caption: the result type of every search
-from captioner.beam import BAD_ENDINGS, REPEAT_PENALTY, Caption, repeat_costs  # noqa: F401
+from captioner.beam import BAD_ENDINGS, REPEAT_PENALTY, Caption, bad_ending_table, repeat_costs  # noqa: F401
 from captioner.data.vocab import Vocabulary
 from captioner.model import ShowAttendTell
 
@@ -42,10 +42,8 @@ class Ensemble(torch.nn.Module):
 
 
 def bad_ending_mask(vocab: Vocabulary, device=None) -> torch.Tensor:
-    """(V,) True for the BAD_ENDINGS words: a lookup table, cheaper per step than a set-membership test."""
-    mask = torch.zeros(len(vocab), dtype=torch.bool, device=device)
-    mask[[vocab.stoi[w] for w in BAD_ENDINGS if w in vocab.stoi]] = True
-    return mask
+    """(V,) True for the BAD_ENDINGS words (beam.bad_ending_table), on `device`."""
+    return torch.from_numpy(bad_ending_table(vocab)).to(device)
 
 
 def banned_words(vocab: Vocabulary, vocab_size: int, last: torch.Tensor, may_end: bool, *,
