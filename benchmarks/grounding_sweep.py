@@ -25,16 +25,20 @@ from truthfulness import parse_args  # benchmarks/ is on the path when a script 
 
 VARIANTS = {
     "shipped settings": {},
-    "previous settings (familiar from 0.38; missed objects added from 0.5 on every photo)":
-        dict(familiar_above=0.38, add_unfamiliar=0.5),
+    "previous settings (no objects from the region windows; person banned under 0.25; missed objects added from "
+    "0.3 on unfamiliar photos)": dict(add_regions=1.01, ban_class={"dog": 0.5}, add_unfamiliar=0.3),
     "familiar from 0.38": dict(familiar_above=0.38),
-    "missed objects added from 0.5 on unfamiliar photos too": dict(add_unfamiliar=0.5),
+    "missed objects added from 0.3 on unfamiliar photos (not 0.5)": dict(add_unfamiliar=0.3),
     "no ban, no hedge, nothing added (the evidence as a soft bias alone)":
         dict(ban_below=0.0, ban_unfamiliar=0.0, ban_class={}, hedge_below=0.0, add_concepts=1.01, add_unfamiliar=1.01),
     "one ban level for every photo (0.25)": dict(ban_unfamiliar=0.25, ban_class={}),
     "one ban level for every photo (0.5)": dict(ban_below=0.5, ban_unfamiliar=0.5, ban_class={}),
     "familiarity from the grid alone (no object close-up rule)": dict(object_photo_above=1.01),
-    "no extra evidence asked of dogs": dict(ban_class={}),
+    "no extra evidence asked of dogs or people": dict(ban_class={}),
+    "no extra evidence asked of people (person banned under 0.25, not 0.4)": dict(ban_class={"dog": 0.5}),
+    "no objects from the region windows": dict(add_regions=1.01),
+    "objects from the region windows from 0.3 (not 0.4)": dict(add_regions=0.3),
+    "two missed objects added (not one)": dict(add_most=2),
     "no \"Probably\" under confidence 0.4": dict(hedge_below=0.0),
     "no missed object added": dict(add_concepts=1.01, add_unfamiliar=1.01),
     "missed objects added from 0.2 on unfamiliar photos": dict(add_unfamiliar=0.2),

@@ -204,7 +204,7 @@ def test_what_people_get_is_the_training_time_search(captioner, flickr8k_root, b
     feats = captioner.encoder.encode_images([flickr8k_root / "images" / n for n in names] +
                                             sorted(EXAMPLES.glob("*.jpg")))
     rt = captioner.runtime
-    concepts, evidence, familiarity = rt.heads(feats)
+    concepts, evidence, familiarity, _ = rt.heads(feats)
     bias = captioner.describer.word_bias(concepts, evidence, captioner.describer.familiar(concepts, familiarity),
                                          captioner.vocab.itos)
     with torch.inference_mode():

@@ -98,6 +98,50 @@ def test_describe_says_less_when_unsure():
     assert table["text"] == "a man sits with a table" and table["confidence"] == pytest.approx(0.8)
 
 
+def test_objects_that_win_a_window_are_added_where_flickr8k_cannot_judge_them():
+    learnt = np.ones(len(CLASSES), bool)
+    learnt[CLASSES.index("zebra")] = False  # Flickr8k's captions never taught the evidence head zebras
+    g = Describer(GroundingSettings(add_regions=0.4, add_concepts=0.5, add_unfamiliar=0.3, add_most=1), learnt)
+    none = _concepts(g)
+    regions = np.zeros(len(CLASSES), np.float32)
+    regions[[CLASSES.index("zebra"), CLASSES.index("bicycle")]] = [0.6, 0.7]
+    ev = _evidence(person=0.9, bicycle=0.1)
+    # familiar photo: only the class the head did not learn comes from the regions
+    assert g.describe("a man stands", none, ev, True, regions)["text"] == "a man stands with a zebra"
+    # unfamiliar photo: every class may; the most probable one is said (add_most 1), its support is its confidence
+    said = g.describe("a man stands", none, ev, False, regions)
+    assert said["text"] == "a man stands with a bicycle" and said["confidence"] == pytest.approx(0.7)
+    assert {"word": "bicycle", "p": 0.7} in said["concepts"]
+    # under add_regions nothing is added, even where it beats add_unfamiliar (that threshold is the evidence's)
+    regions[:] = 0.35
+    assert g.describe("a man stands", none, ev, False, regions)["text"] == "a man stands"
+    # a sentence naming nothing says the region classes after the concepts; models without regions: unchanged
+    regions[:] = 0
+    regions[CLASSES.index("dining table")] = 0.5
+    assert g.describe("a black and white", _concepts(g, pizza=0.6), _evidence(), False, regions)["text"] == \
+        "a photo of a pizza and a table"
+    assert g.describe("a black and white", _concepts(g, pizza=0.6), _evidence(), False)["text"] == "a photo of a pizza"
+
+
+def test_region_probabilities_see_what_the_whole_photo_average_hides():
+    g = Grounding(channels=1280)
+    torch.nn.init.zeros_(g.imagenet.weight)
+    torch.nn.init.zeros_(g.imagenet.bias)
+    cls = next(k for k, w in enumerate(g.word_of_class.argmax(1).tolist())
+               if g.words[w] == "zebra" and g.word_of_class[k].sum() == 1)
+    g.imagenet.weight.data[cls, 0] = 20.0  # channel 0 says "zebra"
+    grid = torch.zeros(2, 81, 1280)
+    grid[0].view(9, 9, 1280)[:3, :3, 0] = 1.0  # a zebra in the top-left corner: 9 of 81 cells
+    grid[1, :, 0] = 1.0                         # zebras everywhere
+    with torch.no_grad():
+        concepts, _, _, regions = g(grid)
+    p = lambda share: np.exp(20 * share) / (np.exp(20 * share) + 999)  # softmax of one logit against 999 zeros
+    zebra = CLASSES.index("zebra")
+    assert concepts[0, g.words.index("zebra")].item() == pytest.approx(p(9 / 81), rel=1e-4)  # diluted ...
+    assert regions[0, zebra].item() == pytest.approx(p(9 / 49), rel=1e-4)  # ... 4x stronger in its 7x7 corner window
+    assert regions[1, zebra].item() == pytest.approx(concepts[1, g.words.index("zebra")].item(), rel=1e-5)
+
+
 def test_settings_of_earlier_versions_still_load():
     s = GroundingSettings.from_dict({"weight": 0.3, "strict_below": 0.7})
     assert s.weight == 0.3 and not hasattr(s, "strict_below")

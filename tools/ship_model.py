@@ -9,6 +9,10 @@ split's cached grids and captions (grounding.fit_grounding, seconds), the LSTM i
 is measured on 256 train grids (model.int8_ranges), then the float16 candidate file itself is evaluated with
 `captioner evaluate`'s code (the path users run: int8, grounded) on the dev split at greedy, beam 3 and beam 5,
 and on the out-of-domain set at beam 3, so the scores it carries are those of exactly what ships.
+
+    python tools/ship_model.py src/captioner/assets/flickr8k-sat.safetensors --settings-only
+re-measures the shipped model with the current grounding settings (grounding.GroundingSettings) written into it,
+when only the decisions on the heads' outputs changed (about 3 min).
 """
 import argparse
 import json
@@ -21,7 +25,7 @@ from captioner.evaluation.chair import CHAIR_KEYS
 from captioner.evaluation.evaluate import evaluate
 from captioner.evaluation.metrics import METRIC_KEYS
 from captioner.features.store import FeatureStore
-from captioner.grounding import fit_grounding
+from captioner.grounding import GroundingSettings, fit_grounding
 from captioner.model import int8_ranges
 
 KEYS = METRIC_KEYS + CHAIR_KEYS
@@ -35,14 +39,24 @@ def main():
     ap.add_argument("--name", default="flickr8k-sat")
     ap.add_argument("--reports", default="runs/ship")
     ap.add_argument("--ood", default="../shared/coco-ood-dev", help="out-of-domain dev set (CSV layout)")
+    ap.add_argument("--settings-only", action="store_true",
+                    help="CHECKPOINT is a shipped model: keep its weights, heads and int8 ranges, write today's "
+                         "GroundingSettings defaults into it and measure it again")
     args = ap.parse_args()
 
     src = load_checkpoint(args.checkpoint)
-    grounding, fit = fit_grounding(args.work) if src.config.encoder == "lite2" else (None, None)
-    store = FeatureStore.open(args.work, src.config.encoder)
-    calibration = torch.from_numpy(store.get(store.ids[:256])).float()
-    meta = {**src.meta, "name": args.name, "source_checkpoint": str(args.checkpoint),
-            "int8_ranges": int8_ranges(src.model, calibration)}
+    if args.settings_only:  # a shipped model: same weights, heads and int8 ranges, today's decisions
+        if src.grounding is None or "int8_ranges" not in src.meta:
+            raise SystemExit(f"{args.checkpoint}: --settings-only needs a shipped model (grounding heads, int8 ranges)")
+        grounding, fit = src.grounding, None
+        grounding.settings = GroundingSettings(person_odds=grounding.settings.person_odds)  # fitted, kept
+        meta = {**src.meta, "name": args.name}
+    else:
+        grounding, fit = fit_grounding(args.work) if src.config.encoder == "lite2" else (None, None)
+        store = FeatureStore.open(args.work, src.config.encoder)
+        calibration = torch.from_numpy(store.get(store.ids[:256])).float()
+        meta = {**src.meta, "name": args.name, "source_checkpoint": str(args.checkpoint),
+                "int8_ranges": int8_ranges(src.model, calibration)}
     if fit:
         meta["grounding_fit"] = {"train_images": fit["train_images"], "classes_learnt": fit["learnt"]}
     tmp = Path(args.reports) / "candidate.safetensors"

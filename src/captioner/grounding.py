@@ -4,6 +4,8 @@ Two heads read the encoder's grid (pooled; they cost well under a millisecond on
 - concepts: EfficientNet-Lite2's own ImageNet classifier (the layer after the grid in the same network), its
   1,000 classes grouped into plain words (Egyptian cat, tabby -> "cat"; espresso -> "coffee", "cup") by the
   reviewed table data/imagenet_concepts.json. A word's probability is the summed probability of its classes.
+  The same classifier on four corner windows of the grid gives region probabilities: an object that is not
+  the photo's subject (the table under the plate) wins a window of its own.
 - evidence: a multi-label classifier trained on Flickr8k's captions: P(some caption of this photo names
   COCO class c), for the classes Flickr8k mentions often enough to learn (person, dog, bicycle, ...).
 
@@ -31,7 +33,7 @@ def _pool(grid: torch.Tensor) -> torch.Tensor:
 
 class Grounding(nn.Module):
     """Both heads and the familiarity centroids; `forward` gives concept probabilities (B, W), class evidence
-    (B, len(CLASSES)) and familiarity (B,)."""
+    (B, len(CLASSES)), familiarity (B,) and region probabilities (B, len(CLASSES))."""
 
     def __init__(self, channels: int = 1280, settings: GroundingSettings | None = None, centroids: int = 0):
         super().__init__()
@@ -62,20 +64,47 @@ class Grounding(nn.Module):
         return self.settings.to_dict()
 
     def forward(self, grid: torch.Tensor):
-        """(B, R, C) grids -> concept probabilities (B, W), class evidence (B, len(CLASSES)), familiarity (B,)."""
+        """(B, R, C) grids -> concept probabilities (B, W), class evidence (B, len(CLASSES)), familiarity (B,)
+        and the classes' region probabilities (B, len(CLASSES))."""
         grid = grid.float()
         pooled = _pool(grid)
-        concepts = (torch.softmax(self.imagenet(grid[..., :1280].mean(1)), 1) @ self.word_of_class).clamp_(max=1)
+        concepts, regions = self.concepts_and_regions(grid)
         evidence = torch.sigmoid(self.evidence(pooled))
         evidence = torch.where(self.learnt, evidence, torch.zeros_like(evidence))
         if self.settings.person_odds != 1.0:
             odds = evidence[:, 0] / (1 - evidence[:, 0]).clamp(min=1e-6) * self.settings.person_odds
             evidence = torch.cat([(odds / (1 + odds)).unsqueeze(1), evidence[:, 1:]], 1)
         # a confident concept is evidence of its class too (ImageNet knows cats and zebras; Flickr8k barely)
-        idx = self.class_of_word.clamp(min=0).expand(grid.shape[0], -1)  # shape, not len(): keeps the exported batch dynamic
-        from_concepts = torch.zeros_like(evidence).scatter_reduce_(
-            1, idx, concepts * (self.class_of_word >= 0), reduce="amax")
-        return concepts, torch.maximum(evidence, from_concepts), self.familiarity(pooled)
+        from_concepts = self._classes(concepts)
+        return concepts, torch.maximum(evidence, from_concepts), self.familiarity(pooled), regions
+
+    def _words(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, 1280) pooled features -> (N, W) concept word probabilities."""
+        return (torch.softmax(self.imagenet(features), 1) @ self.word_of_class).clamp_(max=1)
+
+    def _classes(self, words: torch.Tensor) -> torch.Tensor:
+        """(N, W) concept word probabilities -> (N, len(CLASSES)): the most probable word of each class."""
+        idx = self.class_of_word.clamp(min=0).expand(words.shape[0], -1)  # shape, not len(): keeps the exported batch dynamic
+        return torch.zeros(words.shape[0], len(CLASSES)).scatter_reduce_(
+            1, idx, words * (self.class_of_word >= 0), reduce="amax")
+
+    def concepts_and_regions(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, R, C) square grids -> concept word probabilities of the whole photo (B, W) and the classes' region
+        probabilities (B, len(CLASSES)): the ImageNet classifier on four overlapping windows of three quarters of
+        the photo's side (7x7 of 9x9, one per corner) and on the whole, each class's most probable. The
+        whole-photo softmax names one subject; the table under a pizza or the bus behind a person wins a window
+        of its own (benchmarks/grounding_sweep.py, docs/experiments.md)."""
+        b, r, _ = grid.shape
+        side = int(round(r ** 0.5))
+        whole = grid[..., :1280].mean(1, keepdim=True)
+        if side * side == r:  # a grid that is not square has only the whole photo
+            size = side - side // 4
+            x = grid[..., :1280].reshape(b, side, side, 1280).permute(0, 3, 1, 2)
+            whole = torch.cat([torch.nn.functional.avg_pool2d(x, size, max(1, side - size)).flatten(2)
+                               .transpose(1, 2), whole], 1)
+        words = self._words(whole.reshape(-1, 1280))
+        words = words.reshape(b, -1, words.shape[1])
+        return words[:, -1], self._classes(words.flatten(0, 1)).reshape(b, -1, len(CLASSES)).amax(1)
 
     def familiarity(self, pooled: torch.Tensor) -> torch.Tensor:
         """Cosine similarity of each pooled grid to the nearest training centroid (1 without centroids)."""

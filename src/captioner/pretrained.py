@@ -8,7 +8,7 @@
       encoder_int8.onnx    the same, static int8 (where the encoder has a shipped int8 graph)
       decoder_init.onnx    grid -> the decoder's per-image state (projected grid, attention keys, h, c)
       decoder_step.onnx    previous words + state -> next-word logits, attention, next state
-      grounding.onnx       grid -> concepts, evidence, familiarity (models with grounding heads)
+      grounding.onnx       grid -> concepts, evidence, familiarity, regions (models with grounding heads)
       README.md            the model card
 
 `save_pretrained` (and `captioner export DIR`) writes one from a checkpoint and checks every ONNX graph against
@@ -194,7 +194,7 @@ def save_pretrained(source, folder, *, card: str | None = None, beam_size: int =
                 {"tokens": {0: rows}, "values": {0: rows}, "keys": {0: rows}, "h": {0: rows}, "c": {0: rows}},
                 tmp / FILES["decoder_step"])
         if ckpt.grounding is not None:
-            _export(ckpt.grounding, (grid,), ["features"], ["concepts", "evidence", "familiarity"],
+            _export(ckpt.grounding, (grid,), ["features"], ["concepts", "evidence", "familiarity", "regions"],
                     {"grid": {0: images}}, tmp / FILES["grounding"])
         # checked against a fresh copy of the model: the exporter has been seen to disturb the live one
         errors = _max_errors(tmp, load_checkpoint(source), ckpt.grounding is not None)

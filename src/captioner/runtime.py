@@ -1,6 +1,6 @@
 """The two decoders behind Captioner (apps/api.py): the same model, run by torch or by onnxruntime.
 
-Both take encoder grids (B, R, C) as numpy and give the grounding heads' outputs (numpy) and the n-best
+Both take encoder grids (B, R, C) as numpy and give the grounding heads' four outputs (numpy) and the n-best
 captions, searched by the same numpy beam search (beam.py). Captioner chooses: torch where it is installed
 (its int8 decoder step is the faster one at batch 1), the ONNX graphs of a model folder (pretrained.py) where it
 is not, so `pip install captioner` captions with onnxruntime, numpy and Pillow alone.
@@ -94,7 +94,8 @@ class OnnxRuntime:
         return _encoder_paths(self.info)
 
     def heads(self, feats: np.ndarray):
-        return tuple(self._heads.run(None, {"features": feats}))
+        out = tuple(self._heads.run(None, {"features": feats}))
+        return out if len(out) == 4 else (*out, None)  # folders exported before the region head: no regions
 
     def decode(self, feats: np.ndarray, bias: np.ndarray | None, *, beam_size: int, max_len: int, n_best: int,
                return_attention: bool = False) -> list[list[Caption]]:

@@ -184,9 +184,9 @@ class Captioner:
         # rounded to float16 as the feature store keeps grids, so a photo gets the same caption whether its grid
         # was just computed (caption, serve) or read from a store (evaluate)
         feats = np.ascontiguousarray(np.asarray(feats).astype(np.float16).astype(np.float32))
-        bias = concepts = evidence = familiar = None
+        bias = concepts = evidence = familiar = regions = None
         if self.describer is not None:
-            concepts, evidence, familiarity = self.runtime.heads(feats)
+            concepts, evidence, familiarity, regions = self.runtime.heads(feats)
             familiar = self.describer.familiar(concepts, familiarity)
             bias = self.describer.word_bias(concepts, evidence, familiar, self.vocab.itos)
         beams = self.runtime.decode(feats, bias, beam_size=beam_size or self.beam_size, max_len=self.max_len,
@@ -195,7 +195,8 @@ class Captioner:
         for k, hyps in enumerate(beams):
             best = hyps[0]
             said = {} if self.describer is None else \
-                self.describer.describe(best.text, concepts[k], evidence[k], bool(familiar[k]))
+                self.describer.describe(best.text, concepts[k], evidence[k], bool(familiar[k]),
+                                        None if regions is None else regions[k])
             att = None
             if attention and best.attention is not None:
                 att = best.attention.reshape(len(best.tokens), *self.spec.grid)
