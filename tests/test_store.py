@@ -172,3 +172,18 @@ def test_int8_store_holds_the_int8_encoders_grids_and_evaluate_uses_it(tmp_path,
         _, notes, counts = decode_split(c, records, data=built[0], beam_size=1, batch_size=8, progress=False)
         assert counts["features_from_store"] == from_store
         assert any("holds float32 grids" in n for n in notes) == int8_on
+
+
+def test_float16_rounding_is_numpys_with_and_without_torch(monkeypatch):
+    from captioner.features.store import to_float16
+    rng = np.random.default_rng(0)
+    x = (rng.random((2, 81, 1280)) * 6).astype(np.float32)
+    x[0, 0, :6] = [1e-6, 3e-5, 7e-8, 0.0, 65000.0, 6.0004]  # float16 subnormals, zero, near its largest
+    want = x.astype(np.float16)
+    for torch_installed in (True, False):
+        if not torch_installed:
+            monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+        got = to_float16(x)
+        assert got.dtype == np.float16 and np.array_equal(got.view(np.uint16), want.view(np.uint16))
+        back = to_float16(want, np.float32)
+        assert back.dtype == np.float32 and np.array_equal(back, want.astype(np.float32))

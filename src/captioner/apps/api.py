@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from captioner.data.images import ImageError, load_image, preprocess
 from captioner.features.encoder import Encoder, get_spec, int8_path
+from captioner.features.store import to_float16
 from captioner.pretrained import default_model_path
 from captioner.runtime import open_runtime
 
@@ -183,7 +184,7 @@ class Captioner:
         alt text, `evaluate`), so what is scored is what people get."""
         # rounded to float16 as the feature store keeps grids, so a photo gets the same caption whether its grid
         # was just computed (caption, serve) or read from a store (evaluate)
-        feats = np.ascontiguousarray(np.asarray(feats).astype(np.float16).astype(np.float32))
+        feats = to_float16(feats, np.float32)
         bias = concepts = evidence = familiar = regions = None
         if self.describer is not None:
             concepts, evidence, familiarity, regions = self.runtime.heads(feats)

@@ -29,6 +29,18 @@ FEATURES_FILE = "features.f16"
 INDEX_FILE = "index.json"
 
 
+def to_float16(x: np.ndarray, dtype=np.float16) -> np.ndarray:
+    """Grids as the store keeps them: rounded to float16 (`dtype` np.float32 gives the rounded values as float32).
+    numpy's float16 conversion is scalar code, 0.25 ms per 9x9x1280 grid each way here; torch's is vectorised
+    (20x faster), so it is used where installed (the torch-free install keeps numpy's: the same values)."""
+    x = np.ascontiguousarray(x)
+    try:
+        import torch
+    except ImportError:
+        return x.astype(np.float16).astype(dtype, copy=False)
+    return torch.from_numpy(x).half().to(torch.float32 if dtype == np.float32 else torch.float16).numpy()
+
+
 def store_dir(workdir, encoder: str, flip: bool = False) -> Path:
     return Path(workdir) / "features" / (f"{encoder}-flip" if flip else encoder)
 
@@ -156,7 +168,7 @@ def _encode_into(fd: int, folder: Path, enc, todo: list[tuple[str, Path]], ids: 
                 failed[image_id] = reason
                 bar.write(f"skipped {image_id}: {reason}")
             if pixels is not None:
-                feats = enc.encode(pixels).astype(np.float16)
+                feats = to_float16(enc.encode(pixels))
                 os.pwrite(fd, feats.tobytes(), len(ids) * row)
                 os.fsync(fd)  # rows on disk before the index names them
                 ids.extend(batch_ids)
@@ -249,11 +261,11 @@ class FeatureStore:
     def get(self, image_ids: list[str]) -> np.ndarray:
         """(B, R, C) float32 for these images, in the order given."""
         fd, n = self._file(), self._row_bytes
-        out = np.empty((len(image_ids), self.spec.num_regions, self.spec.channels), np.float32)
+        out = np.empty((len(image_ids), self.spec.num_regions, self.spec.channels), np.float16)
         for b, image_id in enumerate(image_ids):
             buf = os.pread(fd, n, self.row_of(image_id) * n)
             out[b] = np.frombuffer(buf, np.float16).reshape(out.shape[1:])
-        return out
+        return to_float16(out, np.float32)
 
     def close(self) -> None:
         if self._fd is not None and self._pid == os.getpid():
