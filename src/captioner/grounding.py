@@ -96,10 +96,11 @@ class Grounding(nn.Module):
         of its own (benchmarks/grounding_sweep.py, docs/experiments.md)."""
         b, r, _ = grid.shape
         side = int(round(r ** 0.5))
-        whole = grid[..., :1280].mean(1, keepdim=True)
+        head = grid[..., :1280]  # the head's channels: what the ImageNet classifier reads
+        whole = head.mean(1, keepdim=True)
         if side * side == r:  # a grid that is not square has only the whole photo
             size = side - side // 4
-            x = grid[..., :1280].reshape(b, side, side, 1280).permute(0, 3, 1, 2)
+            x = head.reshape(b, side, side, 1280).permute(0, 3, 1, 2)
             whole = torch.cat([torch.nn.functional.avg_pool2d(x, size, max(1, side - size)).flatten(2)
                                .transpose(1, 2), whole], 1)
         words = self._words(whole.reshape(-1, 1280))
