@@ -7,7 +7,7 @@ import torch
 from captioner.beam import REPEAT_PENALTY, beam_search
 from captioner.config import Config
 from captioner.data.vocab import Vocabulary
-from captioner.decode import decode, greedy
+from captioner.decode import decode, greedy, sample
 from captioner.model import ShowAttendTell
 
 VOCAB = Vocabulary(list(Vocabulary.SPECIALS) + ["x", "y", "z"])
@@ -164,6 +164,29 @@ def test_captions_never_end_on_a_bad_ending_word():
     assert greedy(model, vocab, feats())[0].tokens == ["of", "dog"]
     assert decode(model, vocab, feats(), beam_size=3)[0][0].tokens == ["of", "dog"]
     assert decode(model, vocab, feats(), beam_size=3, block_bad_endings=False)[0][0].tokens == ["of"]
+
+
+def test_captions_never_end_on_a_colour_that_opens_a_noun_phrase():
+    # "a white" <end> is likely but unfinished ("sitting on a white"); "is white" may end
+    vocab = Vocabulary(list(Vocabulary.SPECIALS) + ["a", "white", "dog", "is"])
+    D_ = 7
+    table = {1: {A: 0.6, D_: 0.4}, A: {B_: 0.9, C: 0.1}, B_: {2: 0.8, C: 0.2}, C: {2: 1.0}, D_: {B_: 1.0}}
+    model = TableModel(table)
+    model.vocab_size = len(vocab)
+    assert greedy(model, vocab, feats(), block_bad_endings=False)[0].tokens == ["a", "white"]
+    assert greedy(model, vocab, feats())[0].tokens == ["a", "white", "dog"]
+    hyps = decode(model, vocab, feats(), beam_size=3, n_best=3)[0]
+    assert [h.tokens for h in hyps] == [["is", "white"], ["a", "white", "dog"], ["is", "white", "dog"]]
+
+    def step(tokens, state):  # the torch-free search keeps the same rule
+        logits, alpha, state = model.step(torch.from_numpy(tokens), state)
+        return logits.numpy(), alpha.numpy(), state
+    out = beam_search(step, lambda s, rows, images: model.select_state(s, torch.as_tensor(rows)),
+                      model.init_state(feats()), vocab, 1, beam_size=3, n_best=3)[0]
+    assert [h.tokens for h in out] == [h.tokens for h in hyps]
+    words, _, mask = sample(model, vocab, feats(), 50)
+    ends = [[vocab.itos[w] for w, m in zip(row, keep) if m][-3:] for row, keep in zip(words.tolist(), mask.tolist())]
+    assert ["a", "white", "<end>"] not in ends and ["is", "white", "<end>"] in ends
 
 
 def test_ensemble_averages_word_probabilities():

@@ -206,6 +206,24 @@ def test_composite_and_cut_specs():
     assert (get_spec("lite1+lite0").input_size, get_spec("lite1+lite0").grid) == (240, (8, 8))
     cut = get_spec("lite2-cut2")
     assert (cut.input_size, cut.grid, cut.channels) == (260, (9, 9), 208)
+    big = get_spec("lite2@320")  # a larger input: a finer grid of the same channels
+    assert (big.input_size, big.grid, big.channels) == (320, (10, 10), 1280)
+    assert get_spec("lite2-cut2@384").grid == (12, 12) and get_spec("lite0+lite2@288").grid == (9, 9)
+    for bad in ("lite2@", "lite2@big", "lite2@32", "lite9@320"):
+        with pytest.raises(ValueError, match="encoder"):
+            get_spec(bad)
+
+
+def test_a_larger_input_gives_the_network_s_finer_grid(dog_paths):
+    """lite2@320 is the same network laid out for 320 pixels: its 10x10 grid is what the network computes there."""
+    import torch
+    spec = get_spec("lite2@320")
+    x = np.stack([preprocess(load_image(p), spec) for p in dog_paths[:1]])
+    assert x.shape == (1, 3, 320, 320)
+    grid = Encoder.load(spec.name, backend="torch").encode(x)
+    with torch.inference_mode():
+        want = pretrained_net("lite2", 320).extract_features(torch.from_numpy(x)).flatten(2).transpose(1, 2).numpy()
+    assert grid.shape == (1, 100, 1280) and np.allclose(grid, want, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 # Caption: the result type of every search
-from captioner.beam import BAD_ENDINGS, REPEAT_PENALTY, Caption, bad_ending_table, repeat_costs  # noqa: F401
+from captioner.beam import BAD_ENDINGS, REPEAT_PENALTY, Caption, Endings, repeat_costs  # noqa: F401
 from captioner.data.vocab import Vocabulary
 from captioner.model import ShowAttendTell
 
@@ -41,22 +41,24 @@ class Ensemble(torch.nn.Module):
         return probs.log(), alpha, [o[2] for o in outs]
 
 
-def bad_ending_mask(vocab: Vocabulary, device=None) -> torch.Tensor:
-    """(V,) True for the BAD_ENDINGS words (beam.bad_ending_table), on `device`."""
-    return torch.from_numpy(bad_ending_table(vocab)).to(device)
+def endings(vocab: Vocabulary, device=None) -> Endings:
+    """beam.Endings with torch tables on `device`."""
+    return Endings(vocab, lambda a: torch.from_numpy(a).to(device))
 
 
 def banned_words(vocab: Vocabulary, vocab_size: int, last: torch.Tensor, may_end: bool, *,
-                 suppress_unk: bool = True, bad_ends: torch.Tensor | None = None) -> torch.Tensor:
-    """(rows, V) True where a word may not come next, given the previous words `last` (rows,): <pad>,
-    <start>, <unk> (when suppressed), and <end> as the first word or right after a word `bad_ends` (V,) marks."""
+                 suppress_unk: bool = True, ends: Endings | None = None,
+                 before: torch.Tensor | None = None) -> torch.Tensor:
+    """(rows, V) True where a word may not come next, given the previous words `last` (rows,) and the ones
+    `before` them (None at the first word): <pad>, <start>, <unk> (when suppressed), and <end> as the first word or
+    where `ends` says the caption is unfinished ("... on a", "... on a white")."""
     ban = torch.zeros((len(last), vocab_size), dtype=torch.bool, device=last.device)
     ban[:, [vocab.pad_id, vocab.start_id]] = True
     ban[:, vocab.unk_id] = suppress_unk
     if not may_end:  # an empty caption describes nothing
         ban[:, vocab.end_id] = True
-    elif bad_ends is not None:
-        ban[:, vocab.end_id] = bad_ends[last]
+    elif ends is not None:
+        ban[:, vocab.end_id] = ends.unfinished(last, before)
     return ban
 
 
@@ -74,7 +76,8 @@ def _block_repeated_trigrams(logp: torch.Tensor, seqs: list[list[int]]) -> None:
 # --- the decoder step every search strategy takes ------------------------------------------------
 
 def next_logprobs(model: ShowAttendTell, vocab: Vocabulary, tokens: torch.Tensor, state, *, may_end: bool,
-                  suppress_unk: bool = True, bad_ends: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                  suppress_unk: bool = True, ends: Endings | None = None, before: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None,
                   history: list[list[int]] | None = None, said: torch.Tensor | None = None,
                   repeat_cost: torch.Tensor | None = None, force_end: bool = False, renormalise: bool = False):
     """One decoder step for every row: previous words `tokens` (rows,) -> (log-probabilities (rows, V) of the
@@ -90,7 +93,8 @@ def next_logprobs(model: ShowAttendTell, vocab: Vocabulary, tokens: torch.Tensor
         ban = torch.ones(logits.size(1), dtype=torch.bool, device=logits.device)
         ban[vocab.end_id] = False
     else:
-        ban = banned_words(vocab, logits.size(1), tokens, may_end, suppress_unk=suppress_unk, bad_ends=bad_ends)
+        ban = banned_words(vocab, logits.size(1), tokens, may_end, suppress_unk=suppress_unk, ends=ends,
+                           before=before)
     if renormalise:
         logp = torch.log_softmax(logits.float().masked_fill(ban, -float("inf")), dim=1)
     else:
@@ -125,12 +129,13 @@ def greedy(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, 
     seqs: list[list[int]] = [[] for _ in range(B)]
     scores = [0.0] * B
     alive = list(range(B))  # image of each remaining row
-    bad_ends = bad_ending_mask(vocab, features.device) if block_bad_endings else None
+    ends = endings(vocab, features.device) if block_bad_endings else None
     costs = _costs(vocab, repeat_penalty, features.device) if block_trigrams else None
     said = torch.zeros((B, model.vocab_size), dtype=torch.bool, device=features.device)
     for t in range(max_len):
+        before = torch.tensor([seqs[i][-2] for i in alive], device=features.device) if t >= 2 else None
         logp, _, state = next_logprobs(
-            model, vocab, tokens, state, may_end=t >= min_len, suppress_unk=suppress_unk, bad_ends=bad_ends,
+            model, vocab, tokens, state, may_end=t >= min_len, suppress_unk=suppress_unk, ends=ends, before=before,
             bias=None if bias is None else bias.to(features.device)[alive],
             history=[seqs[i] for i in alive] if block_trigrams else None, said=said[alive], repeat_cost=costs)
         best, words = logp.max(dim=1)
@@ -268,12 +273,12 @@ def decode(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, 
     model.eval()
     beams = _Beams(model, vocab, features, beam_size, return_attention)
     finished = _Finished(features.size(0), beam_size, length_norm)
-    bad_ends = bad_ending_mask(vocab, features.device) if block_bad_endings else None
+    ends = endings(vocab, features.device) if block_bad_endings else None
     costs = _costs(vocab, repeat_penalty, features.device) if block_trigrams else None
     for t in range(max_len):
         logp, alpha, beams.state = next_logprobs(
             model, vocab, beams.tokens, beams.state, may_end=t >= min_len, suppress_unk=suppress_unk,
-            bad_ends=bad_ends,
+            ends=ends, before=beams.seqs[:, -2] if t >= 2 else None,
             bias=None if bias is None else bias.to(features.device)[beams.images].repeat_interleave(beam_size, 0),
             history=beams.seqs.tolist() if block_trigrams and t >= 2 else None, said=beams.said, repeat_cost=costs)
         beams.advance(logp, alpha, finished)
@@ -292,16 +297,18 @@ def sample(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, n: 
 
     Returns words (B*n, T) (rows of image b are b*n .. b*n+n-1), the log-probability of each drawn word
     (B*n, T), differentiable, and a mask (B*n, T) of the steps that count (words and the <end>).
-    The same words are banned as in decoding (<pad>, <start>, <unk>; <end> first or after a BAD_ENDINGS word)."""
+    The same words are banned as in decoding (<pad>, <start>, <unk>; <end> first or where beam.Endings says the
+    caption is unfinished)."""
     B, device = features.size(0), features.device
     state = model.select_state(model.init_state(features), torch.arange(B, device=device).repeat_interleave(n))
     tokens = torch.full((B * n,), vocab.start_id, dtype=torch.long, device=device)
-    bad_ends = bad_ending_mask(vocab, device)
+    ends = endings(vocab, device)
     alive = torch.ones(B * n, dtype=torch.bool, device=device)
     words, logps, masks = [], [], []
     for t in range(max_len + 1):  # max_len words, then <end> is forced
-        logp, _, state = next_logprobs(model, vocab, tokens, state, may_end=t > 0, bad_ends=bad_ends,
-                                       force_end=t == max_len, renormalise=True)
+        logp, _, state = next_logprobs(model, vocab, tokens, state, may_end=t > 0, ends=ends,
+                                       before=words[-2] if t >= 2 else None, force_end=t == max_len,
+                                       renormalise=True)
         word = torch.multinomial(logp.detach().exp(), 1).squeeze(1)
         word = torch.where(alive, word, torch.full_like(word, vocab.pad_id))
         words.append(word)

@@ -62,8 +62,8 @@ def _add_features(sub):
     p.add_argument("workdir", help="a prepared WORKDIR (from `captioner prepare`)")
     p.add_argument("--images", help="look images up as DIR/<image_id> instead of the prepared paths")
     p.add_argument("--encoder", default="lite2",
-                   help="lite0, lite1, lite2 (default), concatenations like lite0+lite2, or lite2-cutK to fine-tune "
-                        "its top K blocks in training")
+                   help="lite0, lite1, lite2 (default), concatenations like lite0+lite2, lite2-cutK to fine-tune "
+                        "its top K blocks in training, or lite2@320 for a larger input (a 10x10 grid)")
     p.add_argument("--flip", action="store_true", help="encode the mirror images (for flip_prob in training)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"], help="CNN runtime")
     p.add_argument("--batch-size", type=int, default=32, help="images encoded together")

@@ -60,13 +60,24 @@ BASES = {"lite0": (224, 192, 4), "lite1": (240, 192, 5), "lite2": (260, 208, 5)}
 HEAD_CHANNELS = 1280  # what every Lite's last 1x1 conv ("head") gives
 
 
+def _input_size(name: str) -> int | None:
+    """"lite2@320" -> 320 (the input side asked for); None without "@"."""
+    if "@" not in name:
+        return None
+    size = name.rpartition("@")[2]
+    if not size.isdigit() or not 64 <= int(size) <= 1024:
+        raise ValueError(f"encoder {name!r}: the input side after '@' must be a number of pixels from 64 to 1024")
+    return int(size)
+
+
 def _parse(name: str) -> list[tuple[str, int]]:
-    """"lite0+lite2" -> [("lite0", 0), ("lite2", 0)]; "lite2-cut2" -> [("lite2", 2)]; anything else raises."""
+    """"lite0+lite2" -> [("lite0", 0), ("lite2", 0)]; "lite2-cut2" -> [("lite2", 2)]; "lite2@320" -> [("lite2", 0)];
+    anything else raises."""
     parts = []
-    for part in name.split("+"):
+    for part in name.partition("@")[0].split("+"):
         m = re.fullmatch(r"(lite[0-9])(?:-cut([0-9]+))?", part)
         if not m or m.group(1) not in BASES:
-            raise ValueError(f"unknown encoder {name!r}; known: {', '.join(BASES)}, NAME-cutK, NAME+NAME")
+            raise ValueError(f"unknown encoder {name!r}; known: {', '.join(BASES)}, NAME-cutK, NAME+NAME, NAME@SIDE")
         blocks = BASES[m.group(1)][2]
         if m.group(2) is not None and not 1 <= int(m.group(2)) <= blocks:
             raise ValueError(f"encoder {name!r}: {m.group(1)} has {blocks} blocks on its last grid; cut 1..{blocks}")
@@ -80,9 +91,11 @@ def get_spec(name: str) -> EncoderSpec:
     """"lite0" | "lite1" | "lite2", optionally
     - "-cutK": the grid K blocks below the head (the captioning model then owns and fine-tunes those
       K blocks and the head; K is at most the number of blocks on the last grid, so the grid is unchanged);
-    - "A+B": several encoders run on the same input (the largest of theirs), grids concatenated by channel."""
+    - "A+B": several encoders run on the same input (the largest of theirs), grids concatenated by channel;
+    - "@SIDE": a larger (or smaller) input than the one the network was trained at, for a finer grid
+      ("lite2@320": 10x10 regions instead of 9x9)."""
     parts = _parse(name)
-    side = max(BASES[base][0] for base, _ in parts)
+    side = _input_size(name) or max(BASES[base][0] for base, _ in parts)
     g = -(-side // 32)
     channels = sum(BASES[base][1] if cut else HEAD_CHANNELS for base, cut in parts)
     return EncoderSpec(name, side, (g, g), channels)
