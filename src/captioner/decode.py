@@ -133,7 +133,7 @@ def greedy(model: ShowAttendTell, vocab: Vocabulary, features: torch.Tensor, *, 
     costs = _costs(vocab, repeat_penalty, features.device) if block_trigrams else None
     said = torch.zeros((B, model.vocab_size), dtype=torch.bool, device=features.device)
     for t in range(max_len):
-        before = torch.tensor([seqs[i][-2] for i in alive], device=features.device) if t >= 2 else None
+        before = None if ends is None or t < 2 else torch.tensor([seqs[i][-2] for i in alive], device=features.device)
         logp, _, state = next_logprobs(
             model, vocab, tokens, state, may_end=t >= min_len, suppress_unk=suppress_unk, ends=ends, before=before,
             bias=None if bias is None else bias.to(features.device)[alive],
