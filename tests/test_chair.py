@@ -83,6 +83,9 @@ def test_concept_table_groups_fine_classes_into_plain_words():
     assert classes["espresso"] == ["coffee", "cup"]
     assert classes["Rottweiler"] == ["dog"] and classes["zebra"] == ["zebra"]
     assert classes["kite (bird of prey)"] == ["bird"]  # the bird, not the toy
+    # WordNet's paths that reach the wrong sense: the small breeds are "toy" dogs, a hockey puck is a "plate"
+    assert classes["Chihuahua"] == ["dog"] and classes["Komodo dragon"] == ["lizard"]
+    assert classes["hockey puck"] == []
     words, m = concept_table()
     assert m.shape == (1000, len(words)) and set(m.sum(1)) <= {0.0, 1.0, 2.0}
     assert all(w and w == w.strip() for w in words)

@@ -120,7 +120,18 @@ def test_objects_that_win_a_window_are_added_where_flickr8k_cannot_judge_them():
     regions[CLASSES.index("dining table")] = 0.5
     assert g.describe("a black and white", _concepts(g, pizza=0.6), _evidence(), False, regions)["text"] == \
         "a photo of a pizza and a table"
-    assert g.describe("a black and white", _concepts(g, pizza=0.6), _evidence(), False)["text"] == "a photo of a pizza"
+    assert g.describe("a black and white", _concepts(g, pizza=0.6), _evidence(), False)["text"] == \
+        "a photo of a pizza on a table"
+
+
+def test_a_dish_photographed_close_is_said_to_be_on_a_table():
+    g = _heads(maybe_above=0.3)
+    said = lambda **concepts: g.describe("a black and white is sitting", _concepts(g, **concepts), _evidence())["text"]
+    assert said(food=0.5, plate=0.4) == "a photo of food and a plate on a table"
+    assert said(table=0.5, pizza=0.6) == "a photo of a pizza and a table"  # a table seen is not said twice
+    assert said(banana=0.6) == "a photo of a banana"  # fruit is sold and grown, not only served
+    # a sentence the decoder could finish is left alone
+    assert g.describe("a man is eating", _concepts(g, pizza=0.6), _evidence(person=0.9))["text"] == "a man is eating"
 
 
 def test_region_probabilities_see_what_the_whole_photo_average_hides():

@@ -109,6 +109,11 @@ OVERRIDES = {  # ImageNet class name -> words, reviewed by hand
     "home theater": ["television"], "entertainment center": ["television"], "dishwasher": ["dishwasher"],
     "grocery store": ["food"], "confectionery": ["food"], "bakery": ["bread"], "restaurant": ["food", "table"],
     "patio": ["chair", "table"], "shoji": ["door"], "quilt": ["bed"], "pillow": ["pillow"],
+    # WordNet's "toy dog" is a "toy" and its "monitor lizard" a "monitor"; the rest reach a wrong sense
+    "Chihuahua": ["dog"], "Japanese spaniel": ["dog"], "Maltese dog": ["dog"], "Pekinese": ["dog"],
+    "Shih-Tzu": ["dog"], "Blenheim spaniel": ["dog"], "papillon": ["dog"], "Komodo dragon": ["lizard"],
+    "puck": [], "lumbermill": [], "jean": ["jeans"], "wig": [], "nipple": [], "slide rule": [], "web site": [],
+    "punching bag": [], "sunscreen": [], "mosquito net": [],
 }
 
 
