@@ -8,7 +8,8 @@ from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.data.objects import object_classes
 from captioner.decode import decode
 from captioner.describe import Describer
-from captioner.grounding import CLASSES, Grounding, GroundingSettings, evidence_labels, fit_domain, train_evidence
+from captioner.grounding import (CLASSES, Grounding, GroundingSettings, evidence_labels, fit_domain, has_imagenet_grid,
+                                 match_classifier, train_evidence)
 
 
 def _heads(**settings) -> Describer:
@@ -151,6 +152,20 @@ def test_region_probabilities_see_what_the_whole_photo_average_hides():
     assert concepts[0, g.words.index("zebra")].item() == pytest.approx(p(9 / 81), rel=1e-4)  # diluted ...
     assert regions[0, zebra].item() == pytest.approx(p(9 / 49), rel=1e-4)  # ... 4x stronger in its 7x7 corner window
     assert regions[1, zebra].item() == pytest.approx(concepts[1, g.words.index("zebra")].item(), rel=1e-5)
+
+
+def test_classifier_reads_grids_of_another_input_size_like_native_ones():
+    assert has_imagenet_grid("lite2") and has_imagenet_grid("lite2@320")
+    assert not has_imagenet_grid("lite2-cut2") and not has_imagenet_grid("lite0+lite2")  # not the classifier's input
+    g = Grounding()
+    torch.manual_seed(0)
+    native = torch.randn(300, 1280) * 2 + 1
+    other = native * (torch.rand(1280) * 0.5 + 0.5) + torch.randn(1280) * 0.1  # same photos, channels shrunk, moved
+    with torch.no_grad():
+        want = g.imagenet(native)
+        assert (g.imagenet(other) - want).abs().max() > 0.1
+        match_classifier(g, native, other)
+        assert torch.allclose(g.imagenet(other), want, atol=1e-3)
 
 
 def test_settings_of_earlier_versions_still_load():

@@ -10,6 +10,10 @@ is measured on 256 train grids (model.int8_ranges), then the float16 candidate f
 `captioner evaluate`'s code (the path users run: int8, grounded) on the dev split at greedy, beam 3 and beam 5,
 and on the out-of-domain set at beam 3, so the scores it carries are those of exactly what ships.
 
+A model on Lite2 at another input size (`encoder = "lite2@320"`) needs WORKDIR's `lite2` store too (the ImageNet
+classifier is matched to its grids: grounding.match_classifier) and, for int8 photos, its own int8 encoder graph
+(`python tools/quantize_encoder.py --encoder lite2@320`); other encoders ship without grounding heads.
+
     python tools/ship_model.py src/captioner/assets/flickr8k-sat.safetensors --settings-only
 re-measures the shipped model with the current grounding settings (grounding.GroundingSettings) written into it,
 when only the decisions on the heads' outputs changed (about 3 min).
@@ -25,7 +29,7 @@ from captioner.evaluation.chair import CHAIR_KEYS
 from captioner.evaluation.evaluate import evaluate
 from captioner.evaluation.metrics import METRIC_KEYS
 from captioner.features.store import FeatureStore
-from captioner.grounding import GroundingSettings, fit_grounding
+from captioner.grounding import GroundingSettings, fit_grounding, has_imagenet_grid
 from captioner.model import int8_ranges
 
 KEYS = METRIC_KEYS + CHAIR_KEYS
@@ -52,7 +56,8 @@ def main():
         grounding.settings = GroundingSettings(person_odds=grounding.settings.person_odds)  # fitted, kept
         meta = {**src.meta, "name": args.name}
     else:
-        grounding, fit = fit_grounding(args.work) if src.config.encoder == "lite2" else (None, None)
+        grounding, fit = (fit_grounding(args.work, encoder=src.config.encoder) if has_imagenet_grid(src.config.encoder)
+                          else (None, None))
         store = FeatureStore.open(args.work, src.config.encoder)
         calibration = torch.from_numpy(store.get(store.ids[:256])).float()
         meta = {**src.meta, "name": args.name, "source_checkpoint": str(args.checkpoint),
