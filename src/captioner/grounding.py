@@ -149,15 +149,16 @@ def fit_grounding(workdir, settings: GroundingSettings | None = None, batch: int
     records = load_prepared(workdir).split("train")
     store = FeatureStore.open(workdir, encoder)
     records = [r for r in records if r.image_id in store]
-    pooled = torch.cat([_pool(torch.from_numpy(store.get([r.image_id for r in records[i:i + batch]])).float())
-                        for i in range(0, len(records), batch)])
+
+    def over(store, ids, fn):  # fn of the grids of `ids`, `batch` at a time, concatenated
+        return torch.cat([fn(torch.from_numpy(store.get(ids[i:i + batch])).float()) for i in range(0, len(ids), batch)])
+
+    pooled = over(store, [r.image_id for r in records], _pool)
     g = Grounding.from_encoder(settings, centroids=CENTROIDS)
     if encoder != "lite2":  # another input size: the classifier reads grids the way it reads 260-pixel ones
         native = FeatureStore.open(workdir, "lite2")
         ids = [r.image_id for r in records if r.image_id in native]
-        means = [torch.cat([torch.from_numpy(s.get(ids[i:i + batch])).float()[..., :1280].mean(1)
-                            for i in range(0, len(ids), batch)]) for s in (native, store)]
-        match_classifier(g, *means)
+        match_classifier(g, *(over(s, ids, lambda grid: grid[..., :1280].mean(1)) for s in (native, store)))
     labels = evidence_labels([r.captions for r in records])
     info = train_evidence(g, pooled, labels)
     fit_domain(g, pooled)
