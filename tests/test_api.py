@@ -216,3 +216,20 @@ def test_what_people_get_is_the_training_time_search(captioner, flickr8k_root, b
     for w, b, a in zip(want, batched, alone):
         assert [h.text for h in w] == [h.text for h in b] == [h.text for h in a]
         assert [h.score for h in b] == pytest.approx([h.score for h in w], abs=1e-4)
+
+
+def test_the_traced_decoder_step_is_the_model_step_at_any_batch_and_beam(captioner):
+    """TorchRuntime runs model.step traced once on one blank photo (runtime._traced_step); a trace that fixed the
+    batch, beam or region count would go wrong only on other shapes, so every shape here is checked exactly."""
+    rt = captioner.runtime
+    assert isinstance(rt.step, torch.jit.ScriptModule)
+    grids = torch.from_numpy(captioner.encoder.encode_images(sorted(EXAMPLES.glob("*.jpg"))))
+    with torch.inference_mode():
+        for images, beams in [(1, 1), (1, 3), (2, 5), (5, 3)]:
+            values, keys, h, c = rt.model.init_state(grids[:images])
+            rows = torch.arange(images).repeat_interleave(beams)
+            state = (values, keys, h[rows], c[rows])
+            tokens = torch.arange(len(rows)) + 4
+            for want, got in zip(rt.model.step(tokens, state), rt.step(tokens, state)):
+                for w, g in zip(*((want, got) if isinstance(want, tuple) else ((want,), (got,)))):
+                    assert torch.equal(w, g)

@@ -7,6 +7,7 @@ is not, so `pip install captioner` captions with onnxruntime, numpy and Pillow a
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,6 +30,27 @@ def _torch_threads(n: int):
         torch.set_num_threads(old)
 
 
+def _traced_step(model, spec):
+    """model.step as a TorchScript trace: the same numbers (tests/test_api.py compares the search over it with
+    decode.decode bit for bit), a third less Python and dispatch overhead a step at batch 1 (benchmarks/latency.py).
+    Traced once on a blank grid (0.1 s); batch, beam and region counts stay free, as the step reads its shapes.
+    torch.jit.trace is deprecated for torch.compile, which would need a C++ toolchain and seconds at start-up."""
+    import torch
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, tokens, state):
+            return self.model.step(tokens, state)
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the deprecation notice; the LSTM cell's input checks, constant here
+        state = model.init_state(torch.zeros(1, spec.grid[0] * spec.grid[1], spec.channels))
+        return torch.jit.trace(Step().eval(), (torch.zeros(1, dtype=torch.long), state), check_trace=False)
+
+
 class TorchRuntime:
     """A checkpoint (checkpoint.py) decoded by decode.decode, with int8 weights when the checkpoint has the
     activation ranges measured when it shipped (older ones decode in float)."""
@@ -36,12 +58,14 @@ class TorchRuntime:
     encoder_paths: dict = {}  # a model folder's encoder graphs {"float", "int8"} (open_runtime sets them)
 
     def __init__(self, checkpoint, *, int8: bool = True, grounded: bool = True):
+        from captioner.features.encoder import get_spec
         from captioner.model import quantize_int8
         self.checkpoint = checkpoint
         self.vocab, self.config, self.meta, self.path = checkpoint.vocab, checkpoint.config, checkpoint.meta, checkpoint.path
         ranges = checkpoint.meta.get("int8_ranges")
         self.int8 = bool(int8 and ranges)
         self.model = quantize_int8(checkpoint.model, ranges) if self.int8 else checkpoint.model
+        self.step = _traced_step(self.model, get_spec(self.config.encoder))
         self.grounding = checkpoint.grounding if grounded else None
         self.describer = self.grounding.describer() if self.grounding is not None else None
 
@@ -57,7 +81,7 @@ class TorchRuntime:
         model = self.model
 
         def step(tokens, state):
-            logits, alpha, state = model.step(torch.from_numpy(tokens), state)
+            logits, alpha, state = self.step(torch.from_numpy(tokens), state)
             return logits.numpy(), alpha.numpy(), state
 
         def select(state, rows, images):
