@@ -9,7 +9,7 @@ from captioner.data.objects import object_classes
 from captioner.decode import decode
 from captioner.describe import Describer
 from captioner.grounding import (CLASSES, Grounding, GroundingSettings, evidence_labels, fit_domain, has_imagenet_grid,
-                                 match_classifier, train_evidence)
+                                 match_classifier, presence_curve, train_evidence)
 
 
 def _heads(**settings) -> Describer:
@@ -71,7 +71,8 @@ def test_an_object_close_up_is_unfamiliar_but_a_dog_is_not():
 
 
 def test_describe_says_less_when_unsure():
-    g = _heads(hedge_below=0.5, add_concepts=0.5, familiar_above=0.5, maybe_above=0.3)
+    # concept probabilities taken as they are (test_concepts_alone_are_as_sure_as_such_concepts_are_right: the curve)
+    g = _heads(hedge_below=0.5, add_concepts=0.5, familiar_above=0.5, maybe_above=0.3, concept_presence=[])
     none = _concepts(g)
     sure = g.describe("a dog runs on the grass", none, _evidence(dog=0.95))
     assert sure["text"] == "a dog runs on the grass" and sure["confidence"] == pytest.approx(0.95)
@@ -97,6 +98,33 @@ def test_describe_says_less_when_unsure():
     assert added["text"] == "a man sits in a room with a cup"
     table = g.describe("a man sits", none, _evidence(person=0.9, dining_table=0.8))
     assert table["text"] == "a man sits with a table" and table["confidence"] == pytest.approx(0.8)
+
+
+def test_concepts_alone_are_as_sure_as_such_concepts_are_right():
+    # training photos: a concept at 0.15 whose class the captions name 1 time in 4, at 0.35 3 in 4, at 0.55 2 in 4
+    # (fewer than at 0.35: the curve only rises), at 0.95 in 1 photo (too few to count)
+    words = ["cat", "bus", "pizza"]
+    class_of_word = np.array([CLASSES.index("cat"), CLASSES.index("bus"), -1])  # pizza: no class in this test
+    concepts = np.zeros((13, 3), np.float32)
+    labels = np.zeros((13, len(CLASSES)), np.float32)
+    concepts[:4, 0], labels[:1, CLASSES.index("cat")] = 0.15, 1
+    concepts[4:8, 1], labels[4:7, CLASSES.index("bus")] = 0.35, 1
+    concepts[8:12, 0], labels[8:10, CLASSES.index("cat")] = 0.55, 1
+    concepts[12, 0], concepts[:, 2], labels[:, CLASSES.index("pizza")] = 0.95, 0.9, 1
+    curve = presence_curve(concepts, labels, class_of_word, min_photos=2)
+    assert curve == [[0.15, 0.25], [0.35, 0.75]]  # 0.55 cut: the top was reached at 0.35
+    g = Describer(GroundingSettings(concept_presence=curve, maybe_above=0.2, hedge_below=0.4), [True] * len(CLASSES),
+                  words)
+    said = g.describe("a black and white", np.array([0.0, 0.2, 0.0]), _evidence())
+    assert said["text"] == "Probably a photo of a bus" and said["confidence"] == pytest.approx(0.375)  # between knots
+    # a bus at 0.32 is there more often than 0.32: said without "Probably"; the tags keep the classifier's figure
+    said = g.describe("a black and white", np.array([0.0, 0.32, 0.0]), _evidence())
+    assert said["text"] == "a photo of a bus" and said["confidence"] == pytest.approx(0.25 + 0.85 * 0.5)
+    assert said["concepts"][0] == {"word": "bus", "p": pytest.approx(0.32)}
+    assert g.describe("a black and white", np.array([0.99, 0.0, 0.0]), _evidence())["confidence"] == 0.75
+    assert g.presence(0.075) == pytest.approx(0.125)  # under the first knot: towards nothing at 0
+    # sentences that name an object keep the object's evidence as their confidence
+    assert g.describe("a bus", np.array([0.0, 0.32, 0.0]), _evidence(bus=0.32))["confidence"] == pytest.approx(0.32)
 
 
 def test_objects_that_win_a_window_are_added_where_flickr8k_cannot_judge_them():

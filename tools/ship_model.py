@@ -53,7 +53,8 @@ def main():
         if src.grounding is None or "int8_ranges" not in src.meta:
             raise SystemExit(f"{args.checkpoint}: --settings-only needs a shipped model (grounding heads, int8 ranges)")
         grounding, fit = src.grounding, None
-        grounding.settings = GroundingSettings(person_odds=grounding.settings.person_odds)  # fitted, kept
+        grounding.settings = GroundingSettings(person_odds=grounding.settings.person_odds,  # fitted, kept
+                                                concept_presence=grounding.settings.concept_presence)
         meta = {**src.meta, "name": args.name}
     else:
         grounding, fit = (fit_grounding(args.work, encoder=src.config.encoder) if has_imagenet_grid(src.config.encoder)

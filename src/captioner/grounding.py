@@ -160,12 +160,34 @@ def fit_grounding(workdir, settings: GroundingSettings | None = None, batch: int
         ids = [r.image_id for r in records if r.image_id in native]
         match_classifier(g, *(over(s, ids, lambda grid: grid[..., :1280].mean(1)) for s in (native, store)))
     labels = evidence_labels([r.captions for r in records])
+    with torch.no_grad():
+        concepts = over(store, [r.image_id for r in records], lambda grid: g.concepts_and_regions(grid)[0])
+    g.settings.concept_presence = presence_curve(concepts.numpy(), labels, g.class_of_word.numpy())
     info = train_evidence(g, pooled, labels)
     fit_domain(g, pooled)
     with_person = float(labels[:, CLASSES.index("person")].mean())
     g.settings.person_odds = round((1 - with_person) / with_person, 4)  # to a prior of one half
     info["person_rate"] = with_person
     return g.eval(), {**info, "train_images": len(records)}
+
+
+def presence_curve(concepts: np.ndarray, labels: np.ndarray, class_of_word: np.ndarray, step: float = 0.1,
+                   min_photos: int = 20) -> list[list[float]]:
+    """`GroundingSettings.concept_presence` from training photos: concept word probabilities (N, W) and class labels
+    (N, len(CLASSES), `evidence_labels`). For each probability bin [p, p + step) from 0.1, the share of (photo,
+    word) pairs whose class a caption names, at the bin's centre; made non-decreasing and cut at its top (the
+    captions do not name everything, so the share stays under 1)."""
+    words = np.flatnonzero(class_of_word >= 0)
+    p = np.minimum(concepts[:, words], 1 - 1e-9).ravel()
+    there = labels[:, class_of_word[words]].ravel()
+    knots = []
+    for low in np.arange(0.1, 1.0 - 1e-9, step):
+        inside = (p >= low) & (p < low + step)
+        if inside.sum() >= min_photos:
+            knots.append([round(float(low + step / 2), 3), float(there[inside].mean())])
+    shares = np.maximum.accumulate([s for _, s in knots]) if knots else np.zeros(0)
+    top = int(np.argmax(shares)) + 1 if knots else 0
+    return [[x, round(float(s), 3)] for (x, _), s in zip(knots[:top], shares[:top])]
 
 
 def match_classifier(grounding: Grounding, native: torch.Tensor, other: torch.Tensor) -> None:
