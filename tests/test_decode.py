@@ -72,25 +72,29 @@ def test_no_end_within_max_len_still_returns_a_caption():
 
 
 def test_a_word_said_again_costs_the_repeat_penalty_in_both_searches():
-    vocab = Vocabulary(list(Vocabulary.SPECIALS) + ["white", "bus"])
-    white, bus = vocab.stoi["white"], vocab.stoi["bus"]
-    model = TableModel({1: {white: 0.6, bus: 0.4}, white: {white: 0.6, bus: 0.4}, bus: {bus: 0.6, 2: 0.4}})
+    vocab = Vocabulary(list(Vocabulary.SPECIALS) + ["white", "on", "bus"])
+    white, on, bus = (vocab.stoi[w] for w in ("white", "on", "bus"))
+    model = TableModel({1: {white: 0.6, bus: 0.4}, white: {on: 0.7, 2: 0.3}, bus: {on: 0.7, 2: 0.3},
+                        on: {bus: 0.55, white: 0.45}})
     model.vocab_size = len(vocab)
-    # "white" may repeat for free (beam.REPEATABLE); "bus" again costs REPEAT_PENALTY, more than its lead over <end>
-    # (a fourth "white" or "bus" would repeat a trigram)
-    assert greedy(model, vocab, feats())[0].tokens == ["white"] * 3 + ["bus"]
-    assert greedy(model, vocab, feats(), repeat_penalty=0.0)[0].tokens == ["white"] * 3 + ["bus"] * 3
+    # "white" may be said again for free (beam.REPEATABLE); "bus" again costs REPEAT_PENALTY, more than its lead
+    assert greedy(model, vocab, feats())[0].tokens == "white on bus on white on white".split()
+    assert greedy(model, vocab, feats(), repeat_penalty=0.0)[0].tokens == "white on bus on bus".split()
+    free = {" ".join(h.tokens): h.score for h in decode(model, vocab, feats(), beam_size=5, n_best=5,
+                                                         repeat_penalty=0.0)[0]}
+    assert free["white on bus on bus"] == pytest.approx(math.log(0.6 * 0.7 * 0.55 * 0.7 * 0.55 * 0.3), abs=1e-5)
     hyps = decode(model, vocab, feats(), beam_size=5, n_best=5)[0]
     scores = {" ".join(h.tokens): h.score for h in hyps}
-    assert scores["bus"] == pytest.approx(math.log(0.4 * 0.4), abs=1e-5)
-    assert scores["bus bus"] == pytest.approx(math.log(0.4 * 0.6 * 0.4) - REPEAT_PENALTY, abs=1e-5)
+    assert "white on bus on bus" not in scores
+    assert scores["white on white"] == pytest.approx(math.log(0.6 * 0.7 * 0.45 * 0.3), abs=1e-5)
 
     def step(tokens, state):  # the torch-free search over the same table
         logits, alpha, state = model.step(torch.from_numpy(tokens), state)
         return logits.numpy(), alpha.numpy(), state
     out = beam_search(step, lambda s, rows, images: model.select_state(s, torch.as_tensor(rows)), model.init_state(feats()),
                       vocab, 1, beam_size=5, n_best=5)[0]
-    assert [(h.tokens, pytest.approx(h.score, abs=1e-5)) for h in out] == [(h.tokens, h.score) for h in hyps]
+    # the four that can be said (a fifth, impossible one at -1e9 may differ in how ties break)
+    assert [(h.tokens, pytest.approx(h.score, abs=1e-5)) for h in out][:4] == [(h.tokens, h.score) for h in hyps][:4]
 
 
 def test_trigram_blocking_stops_repetition():
@@ -187,6 +191,28 @@ def test_captions_never_end_on_a_colour_that_opens_a_noun_phrase():
     words, _, mask = sample(model, vocab, feats(), 50)
     ends = [[vocab.itos[w] for w, m in zip(row, keep) if m][-3:] for row, keep in zip(words.tolist(), mask.tolist())]
     assert ["a", "white", "<end>"] not in ends and ["is", "white", "<end>"] in ends
+
+
+def test_no_search_says_a_word_twice_in_a_row():
+    # "young young" is likelier than "young boy" here (as where grounding forbids the word the decoder wanted next)
+    vocab = Vocabulary(list(Vocabulary.SPECIALS) + ["a", "young", "boy"])
+    a, young, boy = (vocab.stoi[w] for w in ("a", "young", "boy"))
+    model = TableModel({1: {a: 0.9, young: 0.1}, a: {young: 1.0}, young: {young: 0.7, boy: 0.3}, boy: {2: 1.0}})
+    model.vocab_size = len(vocab)
+    twice = lambda words: any(x == y for x, y in zip(words, words[1:]))
+    assert greedy(model, vocab, feats())[0].tokens == ["a", "young", "boy"]
+    hyps = decode(model, vocab, feats(), beam_size=3, n_best=3)[0]
+    assert hyps[0].tokens == ["a", "young", "boy"] and hyps[0].score == pytest.approx(math.log(0.9 * 0.3), abs=1e-5)
+    assert not any(twice(h.tokens) for h in hyps)
+
+    def step(tokens, state):
+        logits, alpha, state = model.step(torch.from_numpy(tokens), state)
+        return logits.numpy(), alpha.numpy(), state
+    out = beam_search(step, lambda s, rows, images: model.select_state(s, torch.as_tensor(rows)),
+                      model.init_state(feats()), vocab, 1, beam_size=3, n_best=1)[0]
+    assert out[0].tokens == ["a", "young", "boy"]
+    words, _, mask = sample(model, vocab, feats(), 50)
+    assert not any(twice([w for w, m in zip(row, keep) if m]) for row, keep in zip(words.tolist(), mask.tolist()))
 
 
 def test_ensemble_averages_word_probabilities():

@@ -81,13 +81,13 @@ def test_describe_says_less_when_unsure():
     assert weak["text"] == "Probably a dog runs" and weak["confidence"] == pytest.approx(0.3)
     # a sentence naming nothing on an unfamiliar photo (its subjects were forbidden): the ImageNet concepts
     tags = g.describe("a black and white is sitting", _concepts(g, cat=0.9, rocket=0.2), _evidence())
-    assert tags["text"] == "a photo of a cat" and tags["confidence"] == pytest.approx(0.9)
+    assert tags["text"] == "a picture of a cat" and tags["confidence"] == pytest.approx(0.9)
     assert tags["concepts"][0] == {"word": "cat", "p": 0.9}
     # several, most probable first, each with its article (none for what is uncounted or plural); weakly: hedged
     food = g.describe("a black and white is sitting", _concepts(g, apple=0.8, coffee=0.6, skis=0.5), _evidence())
-    assert food["text"] == "a photo of an apple and coffee and skis"
+    assert food["text"] == "a picture of an apple and coffee and skis"
     weak = g.describe("a black and white is sitting", _concepts(g, bus=0.35), _evidence())
-    assert weak["text"] == "Probably a photo of a bus" and weak["confidence"] == pytest.approx(0.35)
+    assert weak["text"] == "Probably a picture of a bus" and weak["confidence"] == pytest.approx(0.35)
     # ... and with no probable concept, it says it is unsure
     unsure = g.describe("a black and white is sitting", none, _evidence())
     assert unsure["text"] == "Not sure what this photo shows" and unsure["confidence"] == 0
@@ -116,10 +116,10 @@ def test_concepts_alone_are_as_sure_as_such_concepts_are_right():
     g = Describer(GroundingSettings(concept_presence=curve, maybe_above=0.2, hedge_below=0.4), [True] * len(CLASSES),
                   words)
     said = g.describe("a black and white", np.array([0.0, 0.2, 0.0]), _evidence())
-    assert said["text"] == "Probably a photo of a bus" and said["confidence"] == pytest.approx(0.375)  # between knots
+    assert said["text"] == "Probably a picture of a bus" and said["confidence"] == pytest.approx(0.375)  # between knots
     # a bus at 0.32 is there more often than 0.32: said without "Probably"; the tags keep the classifier's figure
     said = g.describe("a black and white", np.array([0.0, 0.32, 0.0]), _evidence())
-    assert said["text"] == "a photo of a bus" and said["confidence"] == pytest.approx(0.25 + 0.85 * 0.5)
+    assert said["text"] == "a picture of a bus" and said["confidence"] == pytest.approx(0.25 + 0.85 * 0.5)
     assert said["concepts"][0] == {"word": "bus", "p": pytest.approx(0.32)}
     assert g.describe("a black and white", np.array([0.99, 0.0, 0.0]), _evidence())["confidence"] == 0.75
     assert g.presence(0.075) == pytest.approx(0.125)  # under the first knot: towards nothing at 0
@@ -148,17 +148,17 @@ def test_objects_that_win_a_window_are_added_where_flickr8k_cannot_judge_them():
     regions[:] = 0
     regions[CLASSES.index("dining table")] = 0.5
     assert g.describe("a black and white", _concepts(g, pizza=0.6), _evidence(), False, regions)["text"] == \
-        "a photo of a pizza and a table"
+        "a picture of a pizza and a table"
     assert g.describe("a black and white", _concepts(g, pizza=0.6), _evidence(), False)["text"] == \
-        "a photo of a pizza on a table"
+        "a picture of a pizza on a table"
 
 
 def test_a_dish_photographed_close_is_said_to_be_on_a_table():
     g = _heads(maybe_above=0.3)
     said = lambda **concepts: g.describe("a black and white is sitting", _concepts(g, **concepts), _evidence())["text"]
-    assert said(food=0.5, plate=0.4) == "a photo of food and a plate on a table"
-    assert said(table=0.5, pizza=0.6) == "a photo of a pizza and a table"  # a table seen is not said twice
-    assert said(banana=0.6) == "a photo of a banana"  # fruit is sold and grown, not only served
+    assert said(food=0.5, plate=0.4) == "a picture of food and a plate on a table"
+    assert said(table=0.5, pizza=0.6) == "a picture of a pizza and a table"  # a table seen is not said twice
+    assert said(banana=0.6) == "a picture of a banana"  # fruit is sold and grown, not only served
     # a sentence the decoder could finish is left alone
     assert g.describe("a man is eating", _concepts(g, pizza=0.6), _evidence(person=0.9))["text"] == "a man is eating"
 

@@ -26,11 +26,11 @@ def test_wheel_installs_and_captions_without_torch(tmp_path):
     run = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, check=True).stdout
     assert "torch" not in run(str(py), "-m", "pip", "list").lower().split()
     line = run(str(venv / "bin" / "captioner"), "caption", str(CAT)).strip()
-    assert line == f"{CAT}\ta photo of a cat"
+    assert line == f"{CAT}\ta picture of a cat"
     out = run(str(py), "-c", "import json, sys\nfrom captioner import Captioner\nc = Captioner.load()\n"
               f"r = c.caption({str(CAT)!r})\nprint(json.dumps([c.info['runtime'], r.text, r.concepts[0]['word'], "
               "'torch' in sys.modules]))")
-    assert json.loads(out) == ["onnx", "a photo of a cat", "cat", False]
+    assert json.loads(out) == ["onnx", "a picture of a cat", "cat", False]
     # what the base install lacks is named with the extra that brings it
     missing = subprocess.run([str(venv / "bin" / "captioner"), "serve"], capture_output=True, text=True, cwd=tmp_path)
     assert missing.returncode == 2 and "pip install 'captioner[serve]'" in missing.stderr

@@ -6,8 +6,8 @@ torch model), so both runtimes search alike. With torch's step it is as fast as 
 decode.py keeps the torch search because training needs it (greedy dev scoring, sampling with gradients);
 tests/test_api.py and tests/test_pretrained.py check that both searches give the same captions. Rules shared
 with decode.py: the words that may not come next (<pad>, <start>, <unk>, <end> first or where `Endings` says the
-caption is unfinished), repeated-trigram blocking, the cost of saying a word twice (`repeat_costs`), and a
-per-image bias.
+caption is unfinished, the previous word again), repeated-trigram blocking, the cost of saying a word twice
+(`repeat_costs`), and a per-image bias.
 """
 from __future__ import annotations
 
@@ -89,6 +89,10 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 def _blocked(vocab, last: np.ndarray, seqs: np.ndarray, may_end: bool, endings: Endings, V: int) -> np.ndarray:
     """(rows, V) True where a word may not come next (the rules of decode.banned_words and trigram blocking)."""
     ban = np.zeros((len(last), V), dtype=bool)
+    # no word twice in a row ("a young young a dog", "a small white is is playing"): 3 of the 29,983 Flickr8k train
+    # captions do it; 7 of 1,000 Flickr8k dev and 5 of 100 coco-ood-dev descriptions did before this rule, mostly
+    # where grounding had forbidden the word the decoder wanted next
+    ban[np.arange(len(last)), last] = True
     ban[:, [vocab.pad_id, vocab.start_id, vocab.unk_id]] = True
     if not may_end:
         ban[:, vocab.end_id] = True

@@ -50,9 +50,11 @@ def banned_words(vocab: Vocabulary, vocab_size: int, last: torch.Tensor, may_end
                  suppress_unk: bool = True, ends: Endings | None = None,
                  before: torch.Tensor | None = None) -> torch.Tensor:
     """(rows, V) True where a word may not come next, given the previous words `last` (rows,) and the ones
-    `before` them (None at the first word): <pad>, <start>, <unk> (when suppressed), and <end> as the first word or
-    where `ends` says the caption is unfinished ("... on a", "... on a white")."""
+    `before` them (None at the first word): <pad>, <start>, <unk> (when suppressed), <end> as the first word or
+    where `ends` says the caption is unfinished ("... on a", "... on a white"), and the previous word again (see
+    beam.py)."""
     ban = torch.zeros((len(last), vocab_size), dtype=torch.bool, device=last.device)
+    ban[torch.arange(len(last), device=last.device), last] = True
     ban[:, [vocab.pad_id, vocab.start_id]] = True
     ban[:, vocab.unk_id] = suppress_unk
     if not may_end:  # an empty caption describes nothing

@@ -26,7 +26,7 @@ from captioner.runtime import open_runtime
 class CaptionResult:
     """One photo's description. `caption` is the model's sentence; `text` is what to show or say to a person:
     the caption (with an object it missed: "... with a table"), "Probably ..." when its objects are weakly backed,
-    the concepts alone ("a photo of a cup and coffee") or "Not sure what this photo shows" (describe.Describer)."""
+    the concepts alone ("a picture of a cup and coffee") or "Not sure what this photo shows" (describe.Describer)."""
     caption: str
     score: float
     tokens: list[str]
