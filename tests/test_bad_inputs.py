@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import zlib
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -344,6 +345,24 @@ def test_two_indexers_on_one_new_library_both_finish(tmp_path):
         assert [p.returncode for p in procs] == [0, 0], errors
         with sqlite3.connect(db) as con:
             assert con.execute("SELECT COUNT(*) FROM images WHERE caption IS NOT NULL").fetchone()[0] == 16
+
+
+def test_a_library_waits_for_another_writer_to_switch_to_wal(tmp_path):
+    # what lost the race above: while another indexer holds the write lock, SQLite refuses the switch to
+    # write-ahead logging at once, without the busy timeout
+    from captioner.apps.library import _use_wal
+    db = tmp_path / "lib.sqlite"
+    with closing(sqlite3.connect(db)) as con:
+        con.execute("CREATE TABLE t (x)")
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        sqlite3.connect(db, timeout=5).execute("PRAGMA journal_mode=WAL")
+    threading.Timer(0.3, other.execute, ["COMMIT"]).start()
+    with closing(sqlite3.connect(db, timeout=5)) as con:
+        _use_wal(con)
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    other.close()
 
 
 # --- caption files (prepare) ---------------------------------------------------------------------

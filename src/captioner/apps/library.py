@@ -23,6 +23,7 @@ import json
 import os
 import re
 import sqlite3
+import time
 from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
@@ -152,7 +153,7 @@ def _connect(db_path: Path) -> sqlite3.Connection:
                 con.execute(statement)
         con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         con.commit()
-        con.execute("PRAGMA journal_mode=WAL")  # the web server can search while a folder is being indexed
+        _use_wal(con)
     except sqlite3.OperationalError as e:  # locked for longer than the busy timeout, read-only, disk full
         con.close()
         raise ValueError(f"{db_path}: {e}") from None
@@ -163,6 +164,21 @@ def _connect(db_path: Path) -> sqlite3.Connection:
         con.close()
         raise
     return con
+
+
+def _use_wal(con: sqlite3.Connection) -> None:
+    """Write-ahead logging, so the web server can search while a folder is being indexed. Switching to it needs
+    the file to itself, and while another indexer holds a lock the switch fails at once, without the busy
+    timeout (1 in 30 pairs of indexers starting on one new library, under load): it is retried for as long."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _open_readonly(db_path: str | Path) -> sqlite3.Connection:
