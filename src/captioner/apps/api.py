@@ -34,7 +34,9 @@ class CaptionResult:
     attention: np.ndarray | None = None  # (len(tokens), gh, gw): where the model looked for each word
     source: str | None = None
     text: str = ""
-    confidence: float | None = None  # evidence of the least supported object named (grounding.py); None: no heads
+    # evidence of the least supported object named, or for concepts alone how often such concepts are right
+    # (describe.py); None: no heads
+    confidence: float | None = None
     concepts: list[dict] = field(default_factory=list)  # [{"word", "p"}]: what the photo evidently shows
 
     def __post_init__(self):

@@ -22,7 +22,9 @@ class Caption(BaseModel):
     """One photo's description (`CaptionResult.to_dict`, plus the attention grid and the time taken)."""
     text: str = Field(description="what to show or say to a person: the caption, or a hedged description")
     caption: str = Field(description="the model's own sentence")
-    confidence: float | None = Field(description="evidence for the least supported object named; null: unknown")
+    confidence: float | None = Field(description="evidence for the least supported object named (for a description "
+                                                 "made of concepts alone: how often such concepts are right); "
+                                                 "null: unknown")
     concepts: list[Concept]
     score: float = Field(description="the decoder's score for the caption (higher: more likely)")
     tokens: list[str]
