@@ -37,6 +37,15 @@ class TableModel(torch.nn.Module):
         return logits, alpha, state
 
 
+def numpy_search(model: TableModel, vocab: Vocabulary, **options):
+    """The torch-free search (beam.beam_search) over a table model, for one image: its n best."""
+    def step(tokens, state):
+        logits, alpha, state = model.step(torch.from_numpy(tokens), state)
+        return logits.numpy(), alpha.numpy(), state
+    return beam_search(step, lambda s, rows, images: model.select_state(s, torch.as_tensor(rows)),
+                       model.init_state(feats()), vocab, 1, **options)[0]
+
+
 # From <start>: x 0.5, y 0.4, z 0.1. After x: nothing likely (end 0.3). After y: end 0.9.
 # Greedy takes "x" then ends: 0.5 * 0.3 = 0.15. The best caption is "y": 0.4 * 0.9 = 0.36.
 TRAP = {1: {A: 0.5, B_: 0.4, C: 0.1}, A: {2: 0.3, A: 0.25, B_: 0.25, C: 0.2}, B_: {2: 0.9, C: 0.1},
@@ -88,11 +97,7 @@ def test_a_word_said_again_costs_the_repeat_penalty_in_both_searches():
     assert "white on bus on bus" not in scores
     assert scores["white on white"] == pytest.approx(math.log(0.6 * 0.7 * 0.45 * 0.3), abs=1e-5)
 
-    def step(tokens, state):  # the torch-free search over the same table
-        logits, alpha, state = model.step(torch.from_numpy(tokens), state)
-        return logits.numpy(), alpha.numpy(), state
-    out = beam_search(step, lambda s, rows, images: model.select_state(s, torch.as_tensor(rows)), model.init_state(feats()),
-                      vocab, 1, beam_size=5, n_best=5)[0]
+    out = numpy_search(model, vocab, beam_size=5, n_best=5)  # the torch-free search over the same table
     # the four that can be said (a fifth, impossible one at -1e9 may differ in how ties break)
     assert [(h.tokens, pytest.approx(h.score, abs=1e-5)) for h in out][:4] == [(h.tokens, h.score) for h in hyps][:4]
 
@@ -182,11 +187,7 @@ def test_captions_never_end_on_a_colour_that_opens_a_noun_phrase():
     hyps = decode(model, vocab, feats(), beam_size=3, n_best=3)[0]
     assert [h.tokens for h in hyps] == [["is", "white"], ["a", "white", "dog"], ["is", "white", "dog"]]
 
-    def step(tokens, state):  # the torch-free search keeps the same rule
-        logits, alpha, state = model.step(torch.from_numpy(tokens), state)
-        return logits.numpy(), alpha.numpy(), state
-    out = beam_search(step, lambda s, rows, images: model.select_state(s, torch.as_tensor(rows)),
-                      model.init_state(feats()), vocab, 1, beam_size=3, n_best=3)[0]
+    out = numpy_search(model, vocab, beam_size=3, n_best=3)  # the torch-free search keeps the same rule
     assert [h.tokens for h in out] == [h.tokens for h in hyps]
     words, _, mask = sample(model, vocab, feats(), 50)
     ends = [[vocab.itos[w] for w, m in zip(row, keep) if m][-3:] for row, keep in zip(words.tolist(), mask.tolist())]
@@ -204,12 +205,7 @@ def test_no_search_says_a_word_twice_in_a_row():
     hyps = decode(model, vocab, feats(), beam_size=3, n_best=3)[0]
     assert hyps[0].tokens == ["a", "young", "boy"] and hyps[0].score == pytest.approx(math.log(0.9 * 0.3), abs=1e-5)
     assert not any(twice(h.tokens) for h in hyps)
-
-    def step(tokens, state):
-        logits, alpha, state = model.step(torch.from_numpy(tokens), state)
-        return logits.numpy(), alpha.numpy(), state
-    out = beam_search(step, lambda s, rows, images: model.select_state(s, torch.as_tensor(rows)),
-                      model.init_state(feats()), vocab, 1, beam_size=3, n_best=1)[0]
+    out = numpy_search(model, vocab, beam_size=3, n_best=1)
     assert out[0].tokens == ["a", "young", "boy"]
     words, _, mask = sample(model, vocab, feats(), 50)
     assert not any(twice([w for w, m in zip(row, keep) if m]) for row, keep in zip(words.tolist(), mask.tolist()))
