@@ -1,4 +1,4 @@
-"""Quality levers in training: mirror-image augmentation and fine-tuning the encoder's top blocks."""
+"""Quality levers in training: mirror-image and crop augmentation, fine-tuning the encoder's top blocks."""
 import shutil
 
 import numpy as np
@@ -12,7 +12,7 @@ from captioner.config import Config
 from captioner.data.datasets import load_prepared
 from captioner.data.images import load_image, preprocess
 from captioner.features.encoder import Encoder
-from captioner.features.store import FeatureStore, build_features
+from captioner.features.store import FeatureStore, build_features, view_image
 from captioner.train import train
 from captioner.train_data import CaptionDataset
 from test_train import TINY, _train_cmd, assert_killed_and_resumed_equals_straight
@@ -20,17 +20,19 @@ from test_train import TINY, _train_cmd, assert_killed_and_resumed_equals_straig
 
 @pytest.fixture(scope="module")
 def lever_workdir(tiny_workdir, tmp_path_factory):
-    """The tiny dataset with a lite2-cut1 store and the mirror-image stores of lite2 and lite2-cut1."""
+    """The tiny dataset with a lite2-cut1 store, the mirror-image stores of lite2 and lite2-cut1 and two crop
+    stores of lite2-cut1."""
     work = tmp_path_factory.mktemp("levers") / "work"
     shutil.copytree(tiny_workdir, work)
-    for encoder, flip in (("lite2", True), ("lite2-cut1", False), ("lite2-cut1", True)):
-        build_features(work, encoder=encoder, backend="torch", progress=False, flip=flip)
+    for encoder, view in (("lite2", "flip"), ("lite2-cut1", ""), ("lite2-cut1", "flip"), ("lite2-cut1", "crop1"),
+                          ("lite2-cut1", "crop2")):
+        build_features(work, encoder=encoder, backend="torch", progress=False, view=view)
     return work
 
 
 def test_mirror_store_holds_the_mirror_images_and_captions_swap_sides(lever_workdir):
     data = load_prepared(lever_workdir)
-    plain, mirrored = FeatureStore.open(lever_workdir, "lite2"), FeatureStore.open(lever_workdir, "lite2", flip=True)
+    plain, mirrored = FeatureStore.open(lever_workdir, "lite2"), FeatureStore.open(lever_workdir, "lite2", "flip")
     assert mirrored.folder.name == "lite2-flip" and mirrored.ids == plain.ids
     record = data.split("train")[0]
     enc = Encoder.load("lite2", backend="torch")
@@ -57,7 +59,7 @@ def test_mirror_store_holds_the_mirror_images_and_captions_swap_sides(lever_work
     assert flips == [[half.flipped(j) for j in range(len(half))] for half.epoch in range(4)]
 
     with pytest.raises(ValueError, match="lite0 --flip"):
-        FeatureStore.open(lever_workdir, "lite0", flip=True)
+        FeatureStore.open(lever_workdir, "lite0", "flip")
 
 
 def test_fine_tuned_top_learns_at_its_own_rate_and_captioner_runs_it(lever_workdir, tmp_path):
@@ -84,14 +86,41 @@ def test_fine_tuned_top_learns_at_its_own_rate_and_captioner_runs_it(lever_workd
     assert cap.caption(record.path).caption == expected.text
 
 
-def test_fine_tuning_with_flips_resumes_exactly(lever_workdir, tmp_path):
+def test_crop_stores_hold_reproducible_crops_and_training_draws_from_all(lever_workdir):
+    data = load_prepared(lever_workdir)
+    record = data.split("train")[0]
+    img = load_image(record.path)
+    one, again, two = (view_image(img, v, record.image_id) for v in ("crop1", "crop1", "crop2"))
+    assert np.array_equal(np.asarray(one), np.asarray(again)) and one.size != two.size  # drawn from (id, view)
+    (w, h), (cw, ch) = img.size, one.size
+    assert cw <= w and ch <= h and cw * ch >= 0.5 * w * h  # 60-100% of the area, less rounding at the borders
+    enc = Encoder.load("lite2-cut1", backend="torch")
+    crop1 = FeatureStore.open(lever_workdir, "lite2-cut1", "crop1")
+    assert crop1.folder.name == "lite2-cut1-crop1"
+    assert np.allclose(crop1.get([record.image_id])[0], enc.encode(preprocess(one, enc.spec)[None])[0], atol=2e-2)
+
+    plain = FeatureStore.open(lever_workdir, "lite2-cut1")
+    crops = [crop1, FeatureStore.open(lever_workdir, "lite2-cut1", "crop2")]
+    ds = CaptionDataset(plain, data, "train", crops=crops, seed=1)
+    drawn = [[ds.source(j).folder.name for j in range(len(ds))] for ds.epoch in range(6)]
+    assert {n for epoch in drawn for n in epoch} == {"lite2-cut1", "lite2-cut1-crop1", "lite2-cut1-crop2"}
+    again = [[ds.source(j).folder.name for j in range(len(ds))] for ds.epoch in range(6)]
+    assert drawn[0] != drawn[1] and drawn == again  # drawn per epoch, reproducibly
+    i = ds.image_ids.index(record.image_id)
+    ds.epoch = next(e for e in range(6) if drawn[e][i] == "lite2-cut1-crop1")
+    assert torch.equal(ds[i][0], torch.from_numpy(crop1.get([record.image_id])[0]))
+
+
+def test_fine_tuning_with_flips_and_crops_resumes_exactly(lever_workdir, tmp_path):
     assert_killed_and_resumed_equals_straight(tmp_path, lambda out, extra=(): _train_cmd(
-        lever_workdir, out, extra, encoder="lite2-cut1", flip_prob=0.5))
+        lever_workdir, out, extra, encoder="lite2-cut1", flip_prob=0.5, crop_views=2))
 
 
-def test_flip_prob_needs_the_mirror_store(tiny_workdir, tmp_path):
+def test_flip_prob_and_crop_views_need_their_stores(tiny_workdir, tmp_path):
     with pytest.raises(ValueError, match="lite2-flip.*--flip"):
         train(tiny_workdir, tmp_path / "run", Config(**TINY, flip_prob=0.5), progress=False)
+    with pytest.raises(ValueError, match="lite2-crop1.*--crops 1"):
+        train(tiny_workdir, tmp_path / "run2", Config(**TINY, crop_views=1), progress=False)
 
 
 def test_cli_set_overrides_config_fields(tiny_workdir, tmp_path, capsys):

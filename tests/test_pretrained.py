@@ -107,13 +107,14 @@ def test_captions_with_torch_unimportable(folder, tmp_path):
 
 
 def test_decoder_options_export_to_the_same_outputs(tmp_path):
-    """A decoder with concept input and attention on attention exports to graphs that match torch (checked by
-    save_pretrained at another batch size than traced)."""
+    """A decoder with concept input, attention on attention and a pyramid exports to graphs that match torch
+    (checked by save_pretrained at another batch size than traced)."""
     from captioner.checkpoint import save_checkpoint
     from captioner.config import Config
     from captioner.data.vocab import Vocabulary
     from captioner.model import ShowAttendTell
-    config = Config(concept_input=True, aoa=True, embed_dim=32, project_dim=32, attention_dim=16, decoder_dim=32)
+    config = Config(concept_input=True, aoa=True, pyramid=3, embed_dim=32, project_dim=32, attention_dim=16,
+                    decoder_dim=32)
     vocab = Vocabulary(list(Vocabulary.SPECIALS) + ["a", "cat", "on", "sofa"])
     model = ShowAttendTell(config, len(vocab))
     model.load_imagenet()

@@ -147,6 +147,16 @@ def test_cli_features(built, capsys, tmp_path):
     assert cli_main(["features", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "dataset.jsonl: missing" in err
+    # --crops N: N stores of cropped copies, the photos' own store untouched; the bad image reported in each
+    assert cli_main(["features", str(wd), "--batch-size", "8", "--crops", "2"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split(":")[0].rpartition("/")[2] for line in out.splitlines() if "grids stored" in line] == \
+        ["lite2-crop1", "lite2-crop2"] and out.count("failed broken.jpg: not an image") == 2
+    assert not np.array_equal(FeatureStore.open(wd, "lite2", "crop1").get(FeatureStore.open(wd).ids[:1]),
+                              FeatureStore.open(wd).get(FeatureStore.open(wd).ids[:1]))
+    for bad in (["--crops", "-1"], ["--crops", "1", "--flip"]):
+        assert cli_main(["features", str(wd), *bad]) == 2
+        assert "--crops takes a number" in capsys.readouterr().err
 
 
 def test_int8_store_holds_the_int8_encoders_grids_and_evaluate_uses_it(tmp_path, flickr8k_root, built):

@@ -262,3 +262,19 @@ def test_concept_input_reads_the_frozen_imagenet_classifier(tiny_workdir, tmp_pa
     changed = load_checkpoint(tmp_path / "c" / "best.safetensors").model
     logits = [m.step(torch.tensor([data.vocab.start_id]), m.init_state(grids[:1]))[0] for m in (model, changed)]
     assert not torch.allclose(*logits)
+
+
+def test_pyramid_adds_the_pooled_grid_as_regions_and_maps_still_cover_the_grid(tiny_workdir):
+    """pyramid=k: the decoder also attends to the k x k average pooling of the grid (region 81 + i*k + j is the mean
+    of block (i, j)); the attention maps and the initial state stay those of the grid."""
+    from captioner.model import ShowAttendTell
+    data = load_prepared(tiny_workdir)
+    grids = torch.from_numpy(FeatureStore.open(tiny_workdir, "lite2").get([r.image_id for r in data.split("dev")][:2]))
+    model = ShowAttendTell(Config(**TINY, pyramid=3), len(data.vocab)).eval()
+    values, keys, h, c = model.init_state(grids)
+    assert values.shape[1] == 81 + 9 and keys.shape[1] == 81 + 9
+    block = grids.view(2, 9, 9, -1)[:, 3:6, 6:9].mean((1, 2))  # pooled region (1, 2)
+    assert torch.allclose(values[:, 81 + 1 * 3 + 2], model.project(block), atol=1e-5)
+    assert torch.allclose(h, torch.tanh(model.init_h(values[:, :81].mean(1))), atol=1e-6)
+    [[caption]] = decode(model, data.vocab, grids[:1], beam_size=2, max_len=12, return_attention=True)
+    assert caption.attention.shape[1] == 81

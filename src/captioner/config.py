@@ -33,6 +33,7 @@ class Config:
     tie_weights: bool = False
     alpha_c: float = 1.0        # doubly stochastic attention regulariser
     aoa: bool = False           # attention on attention: the attended context gated by the decoder state (model.py)
+    pyramid: int = 0            # also attend to the grid average-pooled to k x k regions, a coarser scale (model.py)
     concept_input: bool = False  # the decoder also reads the encoder's ImageNet class probabilities (model.py)
     # training
     epochs: int = 8
@@ -43,6 +44,8 @@ class Config:
     warmup_steps: int = 100
     label_smoothing: float = 0.0
     flip_prob: float = 0.0      # train on the mirror image (left/right swapped) this often; needs `features --flip`
+    crop_views: int = 0         # train on one of this many cropped, colour-jittered copies or the photo, drawn per
+                                # epoch; needs `features --crops N` (N >= crop_views)
     finetune_lr_scale: float = 0.1  # learning rate of the CNN top of a "-cutK" encoder, relative to lr
     patience: int = 2           # epochs without dev improvement before stopping
     select_metric: str = "cider"  # "cider" or "bleu4", from real greedy decoding on dev

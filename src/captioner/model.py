@@ -9,6 +9,9 @@ LSTM-A; You et al. 2016): the encoder's own frozen ImageNet classifier gives 1,0
 pooled grid, embedded into one more "region" the attention can pick when it writes a word, and into the initial
 state. ImageNet's labels come from 1.2 M photos, so they know cats, cups and pizzas Flickr8k's 6,000 barely show.
 
+With `pyramid` k the attention also sees the grid at a coarser scale: its k x k average pooling (a spatial pyramid,
+He et al. 2014), projected like the grid's own regions, so one region can stand for a whole object or the scene.
+
 Shapes: B images, N captions (several per image), R regions, C feature channels, T steps, V words.
 """
 from __future__ import annotations
@@ -68,6 +71,7 @@ class ShowAttendTell(nn.Module):
         self.project = nn.Sequential(nn.Linear(HEAD_CHANNELS if self.top else config.feature_dim, D), nn.ReLU(),
                                      nn.Dropout(config.dropout))
         self.attention = Attention(D, H, config.attention_dim)
+        self.grid = spec.grid  # (gh, gw): where each region lies, for the pyramid and the attention maps
         if config.concept_input:
             self.imagenet = nn.Linear(HEAD_CHANNELS, 1000).requires_grad_(False)  # load_imagenet() fills it
             self.concept_embed = nn.Sequential(nn.Linear(1000, D), nn.ReLU(), nn.Dropout(config.dropout))
@@ -100,8 +104,13 @@ class ShowAttendTell(nn.Module):
     def init_state(self, features: torch.Tensor) -> State:
         """Everything that depends only on the image, computed once per image: (B,R,C) -> State."""
         grid = features if self.top is None else self.top(features)
-        values = self.project(grid)
-        mean = values.mean(dim=1)
+        regions = grid
+        if self.config.pyramid:
+            b, r, c = grid.shape
+            coarse = F.adaptive_avg_pool2d(grid.transpose(1, 2).reshape(b, c, *self.grid), self.config.pyramid)
+            regions = torch.cat([grid, coarse.flatten(2).transpose(1, 2)], 1)
+        values = self.project(regions)
+        mean = values[:, :grid.size(1)].mean(dim=1)
         if self.config.concept_input:
             concepts = torch.softmax(self.imagenet(grid[..., :HEAD_CHANNELS].float().mean(1)), 1)
             semantic = self.concept_embed(concepts.to(values.dtype))
@@ -127,8 +136,8 @@ class ShowAttendTell(nn.Module):
         context = torch.sigmoid(self.beta(h)) * context
         h, c = self.lstm(torch.cat([self.embed(tokens), context], dim=1), (h, c))
         logits = self.out(self.dropout(h))
-        if self.config.concept_input:
-            alpha = alpha[:, :-1]  # attention maps show the grid; the concept region has no place in it
+        # attention maps show the grid; the coarse and concept regions have no place in it
+        alpha = alpha[:, :self.grid[0] * self.grid[1]]
         return logits, alpha, (values, keys, h, c)
 
     def forward(self, features: torch.Tensor, captions: torch.Tensor, image_index: torch.Tensor):

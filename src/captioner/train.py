@@ -38,7 +38,7 @@ from captioner.data.datasets import PreparedData, load_prepared
 from captioner.decode import greedy, sample
 from captioner.evaluation.cider import CiderD
 from captioner.evaluation.metrics import ptb_tokenize
-from captioner.features.store import FeatureStore
+from captioner.features.store import FLIP, FeatureStore, crop_views
 from captioner.io import atomic_write_bytes, atomic_write_text
 from captioner.model import ShowAttendTell, caption_loss
 from captioner.train_data import CaptionDataset, collate_images, epoch_batches
@@ -363,8 +363,9 @@ def _setup(workdir, rundir: Path, config: Config, *, init, resuming: bool, devic
     spec = store.spec
     if (spec.channels, spec.num_regions) != (config.feature_dim, config.num_regions):
         config = config.replace(feature_dim=spec.channels, num_regions=spec.num_regions)
-    mirrored = FeatureStore.open(workdir, config.encoder, flip=True) if config.flip_prob > 0 else None
-    train_set = CaptionDataset(store, data, "train", config.max_len, mirrored, config.flip_prob, config.seed)
+    mirrored = FeatureStore.open(workdir, config.encoder, FLIP) if config.flip_prob > 0 else None
+    crops = [FeatureStore.open(workdir, config.encoder, view) for view in crop_views(config.crop_views)]
+    train_set = CaptionDataset(store, data, "train", config.max_len, mirrored, config.flip_prob, config.seed, crops)
     model = ShowAttendTell(config, len(data.vocab))
     if init and not resuming:
         start = load_checkpoint(init)

@@ -28,16 +28,21 @@ class CaptionDataset(torch.utils.data.Dataset):
     """One item per image of `split` that is in the store: (features (R, C), captions (k, L)).
 
     With a `mirrored` store and flip_prob > 0, each image is shown mirrored (its captions' left and
-    right swapped) with that probability, decided by (seed, epoch, item) so a resumed run sees the same."""
+    right swapped) with that probability; with `crops` (stores of cropped, colour-jittered copies), an image not
+    mirrored is shown as one of them or as itself, all equally likely. Both are decided by (seed, epoch, item), so
+    a resumed run sees the same."""
 
     def __init__(self, store: FeatureStore, data, split: str, max_len: int = 30,
-                 mirrored: FeatureStore | None = None, flip_prob: float = 0.0, seed: int = 0):
+                 mirrored: FeatureStore | None = None, flip_prob: float = 0.0, seed: int = 0,
+                 crops: list[FeatureStore] = ()):
         self.store, self.max_len = store, max_len
         self.mirrored, self.flip_prob, self.seed, self.epoch = mirrored, flip_prob, seed, 0
+        self.crops = list(crops)
         self.tokens = data.tokens
         self.vocab = data.vocab
         self.image_ids = [r.image_id for r in data.split(split) if r.image_id in store and data.tokens.get(r.image_id)
-                          and (mirrored is None or r.image_id in mirrored)]
+                          and (mirrored is None or r.image_id in mirrored)
+                          and all(r.image_id in c for c in self.crops)]
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -46,10 +51,17 @@ class CaptionDataset(torch.utils.data.Dataset):
         return (self.mirrored is not None and self.flip_prob > 0
                 and np.random.default_rng([self.seed, self.epoch, i]).random() < self.flip_prob)
 
+    def source(self, i: int) -> FeatureStore:
+        """The store item i is read from this epoch."""
+        if self.flipped(i):
+            return self.mirrored
+        k = np.random.default_rng([self.seed, self.epoch, i, 1]).integers(len(self.crops) + 1) if self.crops else 0
+        return self.crops[k - 1] if k else self.store
+
     def __getitem__(self, i: int):
         image_id = self.image_ids[i]
         flip = self.flipped(i)
-        features = torch.from_numpy((self.mirrored if flip else self.store).get([image_id])[0])
+        features = torch.from_numpy(self.source(i).get([image_id])[0])
         tokens = self.tokens[image_id]
         if flip:
             tokens = [[MIRRORED_WORDS.get(w, w) for w in t] for t in tokens]

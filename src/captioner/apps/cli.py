@@ -65,6 +65,8 @@ def _add_features(sub):
                    help="lite0, lite1, lite2 (default), concatenations like lite0+lite2, lite2-cutK to fine-tune "
                         "its top K blocks in training, or lite2@320 for a larger input (a 10x10 grid)")
     p.add_argument("--flip", action="store_true", help="encode the mirror images (for flip_prob in training)")
+    p.add_argument("--crops", type=int, default=0, metavar="N",
+                   help="encode N randomly cropped, colour-jittered copies of every photo (for crop_views in training)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"], help="CNN runtime")
     p.add_argument("--batch-size", type=int, default=32, help="images encoded together")
     p.add_argument("--device", default="cpu", help="cpu, or cuda to encode on a GPU (torch backend)")
@@ -74,17 +76,20 @@ def _add_features(sub):
 
 
 def _run_features(args) -> int:
-    from captioner.features.store import build_features
-    try:
-        s = build_features(args.workdir, images_dir=args.images, encoder=args.encoder, backend=args.backend,
-                           batch_size=args.batch_size, device=args.device, flip=args.flip, int8=args.int8)
-    except (ValueError, RuntimeError) as e:  # bad workdir, unknown encoder, failed ONNX export
-        raise UserError(str(e)) from None
-    print(f"{s['store']}: {s['rows']} {s['weights']} grids stored; encoded {s['encoded']} in {s['seconds']:.1f} s "
-          f"({s['images_per_s']:.1f} img/s), {s['skipped_done']} already done, {s['missing']} absent, "
-          f"{len(s['failed'])} failed")
-    for image_id, reason in s["failed"].items():
-        print(f"  failed {image_id}: {reason}")
+    from captioner.features.store import FLIP, build_features, crop_views
+    if args.crops < 0 or (args.flip and args.crops):
+        raise UserError("--crops takes a number of copies >= 1, and not with --flip (one kind of store per run)")
+    for view in [FLIP] if args.flip else crop_views(args.crops) or [""]:
+        try:
+            s = build_features(args.workdir, images_dir=args.images, encoder=args.encoder, backend=args.backend,
+                               batch_size=args.batch_size, device=args.device, view=view, int8=args.int8)
+        except (ValueError, RuntimeError) as e:  # bad workdir, unknown encoder, failed ONNX export
+            raise UserError(str(e)) from None
+        print(f"{s['store']}: {s['rows']} {s['weights']} grids stored; encoded {s['encoded']} in {s['seconds']:.1f} s "
+              f"({s['images_per_s']:.1f} img/s), {s['skipped_done']} already done, {s['missing']} absent, "
+              f"{len(s['failed'])} failed")
+        for image_id, reason in s["failed"].items():
+            print(f"  failed {image_id}: {reason}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """Feature store: every image encoded once into one flat float16 file, read back by row.
 
-Layout of WORKDIR/features/<encoder>/ (and <encoder>-flip/ for the mirrored images, for augmentation):
+Layout of WORKDIR/features/<encoder>/ (and <encoder>-<view>/ for altered copies of the photos, for augmentation in
+training: "flip" the mirror images, "crop1".."cropN" random crops with jittered colours, see `view_image`):
     features.f16   raw float16 (N, R, C), row i belongs to index["ids"][i]; np.memmap-able
     index.json     {"encoder": spec, "weights": "float32" | "int8", "ids": [...], "failed": {id: reason},
                     "complete": bool}
@@ -13,12 +14,14 @@ carries on, so finished rows are never recomputed and the result is byte-identic
 from __future__ import annotations
 
 import os
+import re
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import ImageOps
+from PIL import ImageEnhance, ImageOps
 from tqdm import tqdm
 
 from captioner.data.images import ImageError, load_image, preprocess
@@ -41,27 +44,61 @@ def to_float16(x: np.ndarray, dtype=np.float16) -> np.ndarray:
     return torch.from_numpy(x).half().to(torch.float32 if dtype == np.float32 else torch.float16).numpy()
 
 
-def store_dir(workdir, encoder: str, flip: bool = False) -> Path:
-    return Path(workdir) / "features" / (f"{encoder}-flip" if flip else encoder)
+FLIP = "flip"
+VIEW = re.compile(r"flip|crop[1-9][0-9]*")  # the altered copies a store can hold
+CROP_AREA = (0.6, 1.0)  # share of the photo a crop keeps: a caption describes the whole scene
+CROP_ASPECT = (3 / 4, 4 / 3)
+JITTER = 0.25  # brightness, contrast and saturation each scaled by a factor in [1 - JITTER, 1 + JITTER]
+
+
+def crop_views(n: int) -> list[str]:
+    return [f"crop{k}" for k in range(1, n + 1)]
+
+
+def store_dir(workdir, encoder: str, view: str = "") -> Path:
+    return Path(workdir) / "features" / (f"{encoder}-{view}" if view else encoder)
+
+
+def view_image(img, view: str, image_id: str):
+    """The photo as `view` shows it: itself (""), mirrored ("flip"), or cropped and colour-jittered ("cropK"), the
+    crop and factors drawn from (image id, K) so a store rebuilt or resumed holds the same rows."""
+    if not view:
+        return img
+    if view == FLIP:
+        return ImageOps.mirror(img)
+    rng = np.random.default_rng([zlib.crc32(image_id.encode()), int(view.removeprefix("crop"))])
+    area, aspect = rng.uniform(*CROP_AREA), np.exp(rng.uniform(*np.log(CROP_ASPECT)))
+    w, h = img.size
+    cw, ch = min(w, round(w * np.sqrt(area * aspect))), min(h, round(h * np.sqrt(area / aspect)))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    img = img.convert("RGB").crop((x, y, x + cw, y + ch))
+    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        img = enhance(img).enhance(rng.uniform(1 - JITTER, 1 + JITTER))
+    return img
+
+
+def _view_flag(view: str) -> str:
+    """The `captioner features` option that builds a view's store."""
+    return "" if not view else " --flip" if view == FLIP else f" --crops {view.removeprefix('crop')}"
 
 
 def _row_bytes(spec: EncoderSpec) -> int:
     return spec.num_regions * spec.channels * 2
 
 
-def _write_index(folder: Path, spec: EncoderSpec, ids: list[str], failed: dict, complete: bool, flip: bool,
+def _write_index(folder: Path, spec: EncoderSpec, ids: list[str], failed: dict, complete: bool, view: str,
                  weights: str) -> None:
-    atomic_write_json(folder / INDEX_FILE, {"encoder": spec.to_dict(), "weights": weights, "flip": flip, "ids": ids,
+    atomic_write_json(folder / INDEX_FILE, {"encoder": spec.to_dict(), "weights": weights, "view": view, "ids": ids,
                                             "failed": failed, "complete": complete}, indent=None)
 
 
-def _load_batch(items: list[tuple[str, Path]], spec: EncoderSpec, flip: bool = False):
+def _load_batch(items: list[tuple[str, Path]], spec: EncoderSpec, view: str = ""):
     """Decode one batch -> (ids, pixels (b,3,S,S) or None, {id: reason} for the bad ones)."""
     ids, pixels, bad = [], [], {}
     for image_id, path in items:
         try:
             img = load_image(path, name=image_id)
-            pixels.append(preprocess(ImageOps.mirror(img) if flip else img, spec))
+            pixels.append(preprocess(view_image(img, view, image_id), spec))
             ids.append(image_id)
         except ImageError as e:
             bad[image_id] = str(e).removeprefix(f"{image_id}: ")
@@ -69,14 +106,15 @@ def _load_batch(items: list[tuple[str, Path]], spec: EncoderSpec, flip: bool = F
 
 
 def build_features(workdir, images_dir=None, encoder: str = "lite2", backend: str = "auto",
-                   batch_size: int = 32, progress: bool = True, device: str = "cpu", flip: bool = False,
+                   batch_size: int = 32, progress: bool = True, device: str = "cpu", view: str = "",
                    int8: bool = False) -> dict:
     """Encode every present image of a prepared WORKDIR into WORKDIR/features/<encoder>/.
 
     Resumable: rows already in the store are kept as they are; images that failed before are
     tried again. Bad images are left out and reported with their reason; the run carries on.
     `images_dir` looks images up as images_dir/<image_id> instead of the prepared paths.
-    `flip` encodes the mirror images into <encoder>-flip/ (horizontal-flip augmentation in training).
+    `view` encodes altered copies into <encoder>-<view>/ (`view_image`: "flip", "crop1", ...; augmentation in
+    training).
     `int8` encodes with the shipped static-int8 graph (2.6x faster; the grids `captioner caption` computes); a
     store holds one kind of grid, so resuming with the other is refused.
     """
@@ -85,10 +123,12 @@ def build_features(workdir, images_dir=None, encoder: str = "lite2", backend: st
 
     t0 = time.time()
     spec = get_spec(encoder)
+    if view and not VIEW.fullmatch(view):
+        raise ValueError(f"unknown view {view!r}; expected flip or cropK")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     data = load_prepared(workdir)
-    folder = store_dir(workdir, spec.name, flip)
+    folder = store_dir(workdir, spec.name, view)
     folder.mkdir(parents=True, exist_ok=True)
 
     # what there is to encode, in dataset order (fixed order -> reproducible row layout)
@@ -113,15 +153,15 @@ def build_features(workdir, images_dir=None, encoder: str = "lite2", backend: st
     try:
         os.ftruncate(fd, len(ids) * _row_bytes(spec))  # drop rows a crash left beyond the last committed index
         if todo or not complete_before:
-            _write_index(folder, spec, ids, failed, False, flip, weights)
+            _write_index(folder, spec, ids, failed, False, view, weights)
         if todo:
             enc = Encoder.load(spec.name, backend, device=device, int8=int8)
             if int8 and enc.backend != "onnx-int8":
                 raise ValueError(f"{spec.name}: no int8 graph for the {enc.backend} backend "
                                  "(the shipped one runs under onnxruntime: --backend onnx)")
             t_encode = time.time()  # images/s counts decoding + encoding, not loading the model
-            _encode_into(fd, folder, enc, todo, ids, failed, batch_size=batch_size, flip=flip, progress=progress)
-        _write_index(folder, spec, ids, failed, True, flip, weights)
+            _encode_into(fd, folder, enc, todo, ids, failed, batch_size=batch_size, view=view, progress=progress)
+        _write_index(folder, spec, ids, failed, True, view, weights)
     finally:
         os.close(fd)
 
@@ -149,7 +189,7 @@ def _committed(folder: Path, spec: EncoderSpec, weights: str) -> tuple[list[str]
 
 
 def _encode_into(fd: int, folder: Path, enc, todo: list[tuple[str, Path]], ids: list[str], failed: dict, *,
-                 batch_size: int, flip: bool, progress: bool) -> None:
+                 batch_size: int, view: str, progress: bool) -> None:
     """Encode `todo` batch by batch, appending rows to the open features file and `ids`, bad images to
     `failed`; each batch is on disk before the index names it."""
     spec, row = enc.spec, _row_bytes(enc.spec)
@@ -159,11 +199,11 @@ def _encode_into(fd: int, folder: Path, enc, todo: list[tuple[str, Path]], ids: 
                disable=not progress, dynamic_ncols=True)
     # decode the next batch on a thread while the encoder runs (Pillow releases the GIL)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_load_batch, batches[0], spec, flip)
+        pending = pool.submit(_load_batch, batches[0], spec, view)
         for k in range(len(batches)):
             batch_ids, pixels, bad = pending.result()
             if k + 1 < len(batches):
-                pending = pool.submit(_load_batch, batches[k + 1], spec, flip)
+                pending = pool.submit(_load_batch, batches[k + 1], spec, view)
             for image_id, reason in bad.items():
                 failed[image_id] = reason
                 bar.write(f"skipped {image_id}: {reason}")
@@ -174,7 +214,7 @@ def _encode_into(fd: int, folder: Path, enc, todo: list[tuple[str, Path]], ids: 
                 ids.extend(batch_ids)
                 for image_id in batch_ids:
                     failed.pop(image_id, None)
-            _write_index(folder, spec, ids, failed, False, flip, "int8" if enc.backend == "onnx-int8" else "float32")
+            _write_index(folder, spec, ids, failed, False, view, "int8" if enc.backend == "onnx-int8" else "float32")
             bar.update(len(batches[k]))
             if crash_after and k + 1 >= crash_after:
                 os._exit(99)
@@ -200,11 +240,13 @@ class FeatureStore:
                              f"index needs {len(ids) * self._row_bytes}; rebuild with `captioner features`")
 
     @classmethod
-    def open(cls, workdir, encoder: str | None = None, flip: bool = False) -> "FeatureStore":
-        """The finished store of `encoder` (None: the only one there, or lite2); `flip`: its mirror-image twin."""
+    def open(cls, workdir, encoder: str | None = None, view: str = "") -> "FeatureStore":
+        """The finished store of `encoder` (None: the only one there, or lite2); `view`: its twin of altered
+        copies ("flip", "crop1", ...)."""
         root = Path(workdir) / "features"
-        built = sorted(q.parent.name for q in root.glob(f"*/{INDEX_FILE}") if not q.parent.name.endswith("-flip"))
-        flag = " --flip" if flip else ""
+        built = sorted(q.parent.name for q in root.glob(f"*/{INDEX_FILE}")
+                       if not VIEW.fullmatch(q.parent.name.rpartition("-")[2]))
+        flag = _view_flag(view)
         if encoder is None:
             if not built:
                 raise ValueError(f"{root}: no feature store; run `captioner features {workdir}` first")
@@ -212,9 +254,9 @@ class FeatureStore:
                 raise ValueError(f"{root}: several feature stores ({', '.join(built)}); pick one with encoder=")
             encoder = built[0] if len(built) == 1 else "lite2"
         want = get_spec(encoder)
-        folder = store_dir(workdir, encoder, flip)
+        folder = store_dir(workdir, encoder, view)
         if not (folder / INDEX_FILE).is_file():
-            if built and not flip:
+            if built and not view:
                 have = EncoderSpec.from_dict(read_json(root / built[0] / INDEX_FILE)["encoder"])
                 raise ValueError(f"{root}: store built with {have.describe()}, model expects "
                                  f"{want.describe()}; run `captioner features {workdir} --encoder {encoder}`")
