@@ -20,9 +20,11 @@ import numpy as np
 # endings, so self-critical training would otherwise learn them.
 BAD_ENDINGS = frozenset("a an the and in for at of with before after on upon near to is are am".split())
 # Nor on a colour that opens a noun phrase ("sitting on a white", "in a red and white"): 22 of 1,000 Flickr8k dev
-# captions and 6 of the 100 coco-ood-dev ones ended so before this rule. "the dog is white" may still end.
+# captions and 6 of the 100 coco-ood-dev ones ended so before this rule. "the dog is white" may still end. A colour
+# after a colour opens one too: "holding a red and white red" (examples/astronaut.jpg, where grounding had
+# forbidden the noun the decoder wanted).
 COLOURS = frozenset("white black brown red blue green yellow orange pink purple grey gray".split())
-OPENERS = frozenset("a an the and".split())
+OPENERS = frozenset("a an the and".split()) | COLOURS
 # Words a caption may say more than once for free: articles, prepositions, numbers, colours, sizes ("a man in a
 # white shirt and a white hat"). Any other word already in the hypothesis costs REPEAT_PENALTY log-probability,
 # so "a man is sitting on a bus in a bus" loses to a sentence that says something new (issue 21, lever 5c:
