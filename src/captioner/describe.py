@@ -248,8 +248,8 @@ _HELD_SUPPORT = re.compile(r"(?:\b(?:is|are) )?\b(?:%s) on (?=(?:(?:a|an|the|his
 # in a", "sitting on a blue and a screen" (4 of 1,000 Flickr8k dev and 3 of 100 coco-ood-dev sentences that name
 # something). The sentence is said up to the last thing it could name.
 _COLOUR = "(?:%s)" % "|".join(sorted(COLOURS))
-_UNFINISHED = re.compile(r"\b(?:a|an|the) %s(?: (?:and )?%s)* (?:in|on|with|at|of|near|for|to|by|from|is|are|and (?:a|an|the))\b"
-                         % (_COLOUR, _COLOUR))
+_UNFINISHED = re.compile(r"\b(?:a|an|the) %s(?: (?:and )?%s)* (?:%s|and (?:a|an|the))\b"
+                         % (_COLOUR, _COLOUR, "in|on|with|at|of|near|for|to|by|from|is|are"))
 
 
 def mended(caption: str) -> str:
