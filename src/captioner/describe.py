@@ -238,7 +238,8 @@ DISHES = frozenset("food plate soup cake bread bagel pretzel burger sandwich pot
 # ("a man is sitting on a video camera", examples/camera.jpg); the sentence says what is evident instead: "a man
 # with a video camera".
 HELD = frozenset("camera hat helmet shirt dress suit sunglasses jeans cap backpack guitar bag sweater cellphone "
-                 "phone umbrella bat mask skirt book glass bottle cup racket balloon purse tie violin".split())
+                 "phone umbrella bat mask skirt book glass bottle cup racket balloon purse tie violin cigarette "
+                 "microphone kite".split())
 POSTURES = frozenset("sitting standing lying laying kneeling sits stands lies lays kneels".split())
 # up to three modifiers between the article and the noun ("a red and white umbrella"), none that starts another phrase
 _MODIFIER = r"(?!(?:a|an|the|with|in|on|at|of|near|by|for|from|to|is|are|while)\b)\w+ "
