@@ -25,7 +25,8 @@ from captioner.runtime import open_runtime
 @dataclass
 class CaptionResult:
     """One photo's description. `caption` is the model's sentence; `text` is what to show or say to a person:
-    the caption (with an object it missed: "... with a table"), "Probably ..." when its objects are weakly backed,
+    the caption, mended where it cannot be meant ("a man with a video camera", not "sitting on" it) and with an
+    object it missed ("... with a table"), "Probably ..." when its objects are weakly backed,
     the concepts alone ("a picture of a cup and coffee") or "Not sure what this photo shows" (describe.Describer)."""
     caption: str
     score: float
