@@ -246,8 +246,8 @@ _MODIFIER = r"(?!(?:a|an|the|with|in|on|at|of|near|by|for|from|to|is|are|while)\
 _HELD_SUPPORT = re.compile(r"(?:\b(?:is|are) )?\b(?:%s) on (?=(?:(?:a|an|the|his|her|their) )?(?:%s){0,3}(?:%s)\b)"
                            % ("|".join(sorted(POSTURES)), _MODIFIER, "|".join(sorted(HELD))))
 # A noun phrase the decoder opened and could not finish, where grounding forbade the noun it wanted: "holding a red
-# in a", "sitting on a blue and a screen" (4 of 1,000 Flickr8k dev and 3 of 100 coco-ood-dev sentences that name
-# something). The sentence is said up to the last thing it could name.
+# in a", "sitting on a blue and a screen" (2 of 1,000 Flickr8k dev and 2 of 100 coco-ood-dev sentences that name
+# something, beam 3). The sentence is said up to the last thing it could name.
 _COLOUR = "(?:%s)" % "|".join(sorted(COLOURS))
 _UNFINISHED = re.compile(r"\b(?:a|an|the) %s(?: (?:and )?%s)* (?:%s|and (?:a|an|the))\b"
                          % (_COLOUR, _COLOUR, "in|on|with|at|of|near|for|to|by|from|is|are"))
