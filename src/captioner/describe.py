@@ -241,8 +241,10 @@ HELD = frozenset("camera hat helmet shirt dress suit sunglasses jeans cap backpa
                  "phone umbrella bat mask skirt book glass bottle cup racket balloon purse tie violin cigarette "
                  "microphone kite".split())
 POSTURES = frozenset("sitting standing lying laying kneeling sits stands lies lays kneels".split())
+# words that link a noun phrase to the next: a modifier is none of them, an unfinished phrase ends on one
+_LINKS = "in|on|with|at|of|near|for|to|by|from|is|are"
 # up to three modifiers between the article and the noun ("a red and white umbrella"), none that starts another phrase
-_MODIFIER = r"(?!(?:a|an|the|with|in|on|at|of|near|by|for|from|to|is|are|while)\b)\w+ "
+_MODIFIER = r"(?!(?:a|an|the|while|%s)\b)\w+ " % _LINKS
 _HELD_SUPPORT = re.compile(r"(?:\b(?:is|are) )?\b(?:%s) on (?=(?:(?:a|an|the|his|her|their) )?(?:%s){0,3}(?:%s)\b)"
                            % ("|".join(sorted(POSTURES)), _MODIFIER, "|".join(sorted(HELD))))
 # A noun phrase the decoder opened and could not finish, where grounding forbade the noun it wanted: "holding a red
@@ -250,7 +252,7 @@ _HELD_SUPPORT = re.compile(r"(?:\b(?:is|are) )?\b(?:%s) on (?=(?:(?:a|an|the|his
 # something, beam 3). The sentence is said up to the last thing it could name.
 _COLOUR = "(?:%s)" % "|".join(sorted(COLOURS))
 _UNFINISHED = re.compile(r"\b(?:a|an|the) %s(?: (?:and )?%s)* (?:%s|and (?:a|an|the))\b"
-                         % (_COLOUR, _COLOUR, "in|on|with|at|of|near|for|to|by|from|is|are"))
+                         % (_COLOUR, _COLOUR, _LINKS))
 
 
 def mended(caption: str) -> str:
